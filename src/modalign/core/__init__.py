@@ -1,0 +1,47 @@
+"""Contracts (``Batch``, ``EncoderOutput``, ``Outputs``, ``LossOutput``, ``Embedder``), component
+bases and registries. Imports nothing else from modalign."""
+
+from modalign.core.errors import (
+    ConfigError,
+    DataError,
+    MissingDataRootError,
+    ModalignError,
+    UnknownComponentError,
+)
+from modalign.core.modules import Encoder, Fusion, Objective
+from modalign.core.registry import available, create, lookup, register
+from modalign.core.types import (
+    MODALITY_KINDS,
+    Batch,
+    Embedder,
+    EncoderOutput,
+    FusionOutput,
+    LossOutput,
+    ModalitySpec,
+    Outputs,
+    Sample,
+)
+
+__all__ = [
+    "MODALITY_KINDS",
+    "Batch",
+    "ConfigError",
+    "DataError",
+    "Embedder",
+    "Encoder",
+    "EncoderOutput",
+    "Fusion",
+    "FusionOutput",
+    "LossOutput",
+    "MissingDataRootError",
+    "ModalignError",
+    "ModalitySpec",
+    "Objective",
+    "Outputs",
+    "Sample",
+    "UnknownComponentError",
+    "available",
+    "create",
+    "lookup",
+    "register",
+]

@@ -1,0 +1,51 @@
+"""Exceptions with messages that name the problem (key path, file, row, modality)."""
+
+from __future__ import annotations
+
+
+class ModalignError(Exception):
+    """Base class of every error modalign raises on purpose."""
+
+
+class ConfigError(ModalignError, ValueError):
+    """An invalid configuration value, key or component name.
+
+    Attributes:
+        path: Dotted key path, e.g. ``model.encoders.image.name``.
+        allowed: Allowed values or keys, when there is a finite set.
+    """
+
+    def __init__(self, path: str, message: str, allowed: list[str] | None = None,
+                 suggestions: list[str] | None = None) -> None:
+        self.path = path
+        self.allowed = allowed or []
+        self.suggestions = suggestions or []
+        text = f"{path}: {message}" if path else message
+        if self.suggestions:
+            text += f" (did you mean {' or '.join(repr(s) for s in self.suggestions)}?)"
+        if self.allowed:
+            text += f"; allowed: {', '.join(self.allowed)}"
+        super().__init__(text)
+
+
+class UnknownComponentError(ModalignError, KeyError):
+    """A component name that no registry entry matches."""
+
+    def __init__(self, kind: str, name: str, allowed: list[str], close: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.allowed = allowed
+        self.close = close
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        super().__init__(f"unknown {kind} {name!r}{hint}; allowed: {', '.join(allowed)}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DataError(ModalignError):
+    """Missing or unreadable data: the message names the file, row, key or modality."""
+
+
+class MissingDataRootError(DataError, FileNotFoundError):
+    """A dataset's root folder or one of its expected files does not exist."""
