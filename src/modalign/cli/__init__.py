@@ -1,1 +1,1 @@
-"""modalign.cli."""
+"""The ``modalign`` command line (``modalign.cli.main:main``)."""

@@ -1,1 +1,41 @@
-"""modalign.eval."""
+"""Evaluation of embeddings read through the ``Embedder`` protocol only.
+
+Retrieval R@K and ranks, class-match p@1/mAP, prototype zero-shot, linear probe, kNN, modality
+gap, alignment/uniformity, plots and a flat metrics report. Every similarity computation walks the
+queries in chunks, so memory grows with ``chunk_size x gallery``, never with ``gallery^2``.
+"""
+
+from modalign.eval.classification import (
+    class_prototypes,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_accuracy,
+    zero_shot_accuracy,
+)
+from modalign.eval.embed import EmbeddingSet, EvalInputError, embed_loader
+from modalign.eval.gap import alignment_uniformity, modality_gap
+from modalign.eval.plots import plot_loss_curve, plot_projection, plot_similarity_matrix
+from modalign.eval.report import evaluate_embeddings, format_table, write_eval_json
+from modalign.eval.retrieval import class_match_metrics, first_positive_ranks, retrieval_metrics
+
+__all__ = [
+    "EmbeddingSet",
+    "EvalInputError",
+    "alignment_uniformity",
+    "class_match_metrics",
+    "class_prototypes",
+    "embed_loader",
+    "evaluate_embeddings",
+    "first_positive_ranks",
+    "format_table",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe_accuracy",
+    "modality_gap",
+    "plot_loss_curve",
+    "plot_projection",
+    "plot_similarity_matrix",
+    "retrieval_metrics",
+    "write_eval_json",
+    "zero_shot_accuracy",
+]

@@ -1,0 +1,165 @@
+"""The ``modalign`` command line: train, eval, embed, recipes, datasets.
+
+A thin layer over ``modalign.train`` and ``modalign.data``: every command parses options,
+calls one library function and prints its result. Errors that modalign raises on purpose are
+printed as one ``error: ...`` line with exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modalign.core.errors import ModalignError
+from modalign.eval import format_table
+from modalign.train.recipe import load_recipe
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="modalign: self-supervised multimodal representation learning.",
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = Annotated[str, typer.Argument(help="A packaged recipe name (see `modalign recipes`) or a YAML file.")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides as key.path=value, e.g. train.epochs=5.", show_default=False)
+]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Folder holding the datasets (default: data.root, then $MODALIGN_DATA)."),
+]
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: runs/RECIPE-TIMESTAMP).")] = None,
+    data_root: DataRootOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR's latest checkpoint if there is one.")] = True,
+    max_epochs: Annotated[
+        int | None, typer.Option(help="Stop after this many epochs in this call; rerun to resume.")
+    ] = None,
+) -> None:
+    """Train a recipe, evaluate it on the test split and write RUN_DIR/eval.json."""
+    from modalign.train.run import train_run
+
+    try:
+        rec = load_recipe(recipe, overrides or [])
+        if data_root is not None:
+            rec.data = {**rec.data, "root": str(data_root.resolve())}
+        folder = run_dir or Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        typer.echo(f"run directory: {folder}")
+        start = time.perf_counter()
+        metrics = train_run(rec, folder, resume=resume, max_epochs=max_epochs)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    if metrics is None:
+        typer.echo(f"stopped early; resume with: modalign train {recipe} --run-dir {folder}")
+        return
+    typer.echo(format_table(metrics))
+    typer.echo(f"done in {time.perf_counter() - start:.0f} s; metrics in {folder / 'eval.json'}")
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
+    data_root: DataRootOpt = None,
+) -> None:
+    """Re-evaluate a run's latest checkpoint; rewrites RUN_DIR/eval.json and plots."""
+    from modalign.train.run import evaluate_run
+
+    try:
+        metrics = evaluate_run(run_dir, str(data_root) if data_root else None)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(format_table(metrics))
+
+
+@app.command()
+def embed(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .npz (embeddings/<m>, present/<m>, ids, labels/<l>).")],
+    data: Annotated[str, typer.Option("--data", help="Split of the run's dataset (train|test) or a manifest file.")]
+    = "test",
+    data_root: DataRootOpt = None,
+) -> None:
+    """Embed a dataset split, or a manifest file, with a trained run."""
+    from modalign.train.run import embed_data
+
+    try:
+        path = embed_data(run_dir, data, out, str(data_root) if data_root else None)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def recipes(
+    show: Annotated[str | None, typer.Option(help="Print the named recipe's YAML.")] = None,
+    components: Annotated[bool, typer.Option(help="List registered components of every kind.")] = False,
+) -> None:
+    """List the packaged recipes (and registered components)."""
+    from modalign.core.registry import KIND_MODULES, available
+    from modalign.train.recipe import packaged_recipes
+
+    known = packaged_recipes()
+    if show is not None:
+        if show not in known:
+            _fail(ModalignError(f"unknown recipe {show!r}; allowed: {', '.join(sorted(known))}"))
+        typer.echo(known[show].read_text())
+        return
+    for name in sorted(known):
+        typer.echo(name)
+    if components:
+        for kind in KIND_MODULES:
+            typer.echo(f"{kind}: {', '.join(available(kind))}")
+
+
+datasets_app = typer.Typer(help="List built-in datasets; fetch them from their upstream sources.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context) -> None:
+    """List the built-in datasets, their modalities, splits and expected files."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from modalign.data.catalog import CATALOG
+
+    for info in CATALOG.values():
+        typer.echo(info.describe())
+
+
+@datasets_app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `modalign datasets`).")],
+    root: Annotated[Path, typer.Option("--root", help="Data root to install into.")] = Path("data"),
+    mirror: Annotated[str | None, typer.Option(help="Base URL replacing the upstream (e.g. file:///mnt/mirror).")]
+    = None,
+) -> None:
+    """Download a built-in dataset and verify its checksums."""
+    from modalign.data.fetch import fetch as fetch_dataset
+
+    try:
+        files = fetch_dataset(name, root, mirror=mirror)
+    except (ModalignError, KeyError, OSError) as e:
+        _fail(e)
+    typer.echo(f"installed {len(files)} file(s) under {root}")
+
+
+def main() -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()

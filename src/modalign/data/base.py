@@ -1,0 +1,99 @@
+"""Dataset base class and data-root resolution.
+
+A dataset yields ``Sample``s whose values are already transformed tensors:
+
+* image  ``FloatTensor[C, H, W]``
+* audio  ``FloatTensor[n_mels, T]`` (log-mel; ``T`` may vary per sample; collation pads)
+* text   ``LongTensor[T]`` token ids (``T`` may vary; pad id 0)
+* series ``FloatTensor[C, T]`` (``T`` may vary)
+* vector ``FloatTensor[D]``
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from modalign.core.errors import MissingDataRootError
+from modalign.core.types import ModalitySpec, Sample
+
+DATA_ENV = "MODALIGN_DATA"
+
+
+class MultimodalDataset(Dataset[Sample], ABC):
+    """A map-style dataset of multimodal ``Sample``s.
+
+    Subclasses set ``self.split`` and implement ``__len__``, ``__getitem__`` and ``modalities``.
+    """
+
+    split: str = "train"
+
+    @property
+    @abstractmethod
+    def modalities(self) -> dict[str, ModalitySpec]:
+        """``{modality name: ModalitySpec}`` of the transformed tensors, sorted by name."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Names of the evaluation-only labels each sample carries."""
+        return ()
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Sample:
+        """Return the transformed sample at ``index``."""
+
+    def set_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook, default no-op
+        """Re-seed per-epoch randomness (re-pairing, augmentation). Default: nothing."""
+
+    def artifacts(self) -> dict[str, str]:
+        """Fitted state a run must keep to rebuild this dataset's transforms.
+
+        Returns ``{file name: text content}`` (e.g. ``{"tokenizer.json": ...}``) written into
+        the run directory; the dataset's constructor accepts them back. Default: none.
+        """
+        return {}
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """Return the data root: ``root`` if given, else ``$MODALIGN_DATA``.
+
+    Raises:
+        MissingDataRootError: If neither is set or the folder does not exist.
+    """
+    chosen = root if root is not None else os.environ.get(DATA_ENV)
+    if not chosen:
+        raise MissingDataRootError(
+            f"no data root: pass --data-root DIR (or data.root=DIR) or set {DATA_ENV}=DIR; "
+            "`modalign datasets` lists the built-in datasets and the files each expects"
+        )
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise MissingDataRootError(f"data root {str(path)!r} does not exist or is not a folder")
+    return path
+
+
+def require_files(dataset: str, root: Path, expected: list[str], hint: str) -> None:
+    """Fail with the full list of expected files if any is missing under ``root``.
+
+    Args:
+        dataset: Dataset name for the message.
+        root: Data root.
+        expected: Paths relative to ``root`` (files or folders).
+        hint: How to obtain them (e.g. the ``modalign datasets fetch`` command).
+
+    Raises:
+        MissingDataRootError: Naming every missing path and the hint.
+    """
+    missing = [p for p in expected if not (root / p).exists()]
+    if missing:
+        lines = "\n".join(f"  {root / p}{'  (missing)' if p in missing else ''}" for p in expected)
+        raise MissingDataRootError(
+            f"dataset {dataset!r}: {len(missing)} expected path(s) missing under {root}:\n{lines}\n{hint}"
+        )

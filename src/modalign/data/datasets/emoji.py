@@ -1,0 +1,242 @@
+"""``emoji``: Twemoji images paired with their English CLDR names and keywords.
+
+Images are the 64 px Twemoji PNGs of ``emoji-datasource-twitter`` (RGBA, composited on white);
+texts are ``"{label}. {tag}, {tag}, ..."`` from ``emojibase-data`` (Unicode CLDR annotations),
+joined on the code-point sequence (``emoji.json`` ``unified``, falling back to its
+``non_qualified`` form, which is how emojibase spells e.g. ``00A9``). Skin-tone variants get
+their own image and CLDR label (``"waving hand: light skin tone"``) plus their base's tags.
+
+Held-out split: a fixed choice (``SPLIT_SEED``, independent of the run seed) of ``TEST_BASES``
+base emoji; skin-tone variants always follow their base, so no group is on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from modalign.core.errors import ConfigError, DataError
+from modalign.core.registry import register
+from modalign.core.types import ModalitySpec, Sample
+from modalign.data.base import MultimodalDataset, require_files, resolve_data_root
+from modalign.data.transforms.image import ImageTransform, load_image
+from modalign.data.transforms.text import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+NAME = "emoji"
+HINT = f"obtain them with: modalign datasets fetch {NAME} --root DIR"
+EMOJI_JSON = "emoji_twemoji/emoji.json"
+LABELS_JSON = "emoji_twemoji/emojibase/en/data.json"
+IMAGES = "emoji_twemoji/img64"
+#: Seed of the held-out choice; a constant so every run evaluates on the same emoji.
+SPLIT_SEED = 0
+#: Number of base emoji held out for the test split.
+TEST_BASES = 400
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class EmojiEntry:
+    """One image of the catalogue.
+
+    Attributes:
+        uid: Unique id over the whole catalogue (bases and variants).
+        image: PNG file name under ``img64/``.
+        text: ``"{label}. {tags}"``.
+        group: Index of the base emoji (variants share their base's group).
+        category: Index of the ``emoji.json`` category in the sorted category names.
+        variant: Whether this is a skin-tone variant.
+        label: The CLDR name alone (the start of ``text``).
+    """
+
+    uid: int
+    image: str
+    text: str
+    group: int
+    category: int
+    variant: bool
+    label: str
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read JSON file {str(path)!r}: {e}") from None
+
+
+def _label_tables(labels_json: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """``({hexcode: label}, {hexcode: tags})`` over emojibase entries and their skins."""
+    names: dict[str, str] = {}
+    tags: dict[str, list[str]] = {}
+    for item in labels_json:
+        names[item["hexcode"]] = item["label"]
+        tags[item["hexcode"]] = list(item.get("tags", []))
+        for skin in item.get("skins", []):
+            names[skin["hexcode"]] = skin["label"]
+    return names, tags
+
+
+def _find(table: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """The key of ``table`` that ``entry`` matches (``unified``, else ``non_qualified``)."""
+    for key in (entry.get("unified"), entry.get("non_qualified")):
+        if key and key in table:
+            return str(key)
+    return None
+
+
+def _text(label: str, tags: list[str]) -> str:
+    return f"{label}. {', '.join(tags)}" if tags else f"{label}."
+
+
+def build_catalogue(
+    emoji_json: list[dict[str, Any]], labels_json: list[dict[str, Any]], image_dir: Path
+) -> tuple[list[EmojiEntry], int, list[str]]:
+    """Join images and English labels.
+
+    Returns:
+        ``(entries, n_skipped, category_names)``: entries in ``sort_order`` with each base
+        followed by its variants; ``n_skipped`` counts images dropped for a missing file or
+        label (a dropped base drops its variants too).
+    """
+    names, tags = _label_tables(labels_json)
+    categories = sorted({str(e.get("category", "")) for e in emoji_json})
+    entries: list[EmojiEntry] = []
+    skipped = 0
+    group = 0
+    for base in sorted(emoji_json, key=lambda e: (e.get("sort_order", 0), e.get("unified", ""))):
+        variants = list((base.get("skin_variations") or {}).values())
+        key = _find(names, base)
+        if key is None or not (image_dir / str(base.get("image"))).is_file():
+            skipped += 1 + len(variants)
+            continue
+        cat = categories.index(str(base.get("category", "")))
+        text = _text(names[key], tags.get(key, []))
+        entries.append(EmojiEntry(len(entries), base["image"], text, group, cat, False, names[key]))
+        for var in variants:
+            vkey = _find(names, var)
+            if vkey is None or not (image_dir / str(var.get("image"))).is_file():
+                skipped += 1
+                continue
+            text = _text(names[vkey], tags.get(key, []))
+            entries.append(EmojiEntry(len(entries), var["image"], text, group, cat, True, names[vkey]))
+        group += 1
+    return entries, skipped, categories
+
+
+def held_out_groups(n_groups: int) -> set[int]:
+    """The fixed held-out base groups (``TEST_BASES`` of them, drawn with ``SPLIT_SEED``).
+
+    Raises:
+        DataError: If there are not more than ``TEST_BASES`` base emoji.
+    """
+    if n_groups <= TEST_BASES:
+        raise DataError(f"{NAME}: only {n_groups} labelled base emoji; need more than {TEST_BASES}")
+    rng = np.random.default_rng(SPLIT_SEED)
+    return {int(g) for g in rng.choice(n_groups, size=TEST_BASES, replace=False)}
+
+
+@register("dataset", NAME)
+class EmojiDataset(MultimodalDataset):
+    """Twemoji images (``image``, ``[3, S, S]``) with CLDR names and keywords (``text``).
+
+    Args:
+        root: Data root (``None``: ``$MODALIGN_DATA``).
+        split: ``"train"`` or ``"test"`` (the fixed 400 held-out base emoji).
+        seed: Unused by the split (fixed); augmentation draws from the torch RNG.
+        augment: Random image affine (``None``: on for ``train``).
+        artifacts: ``{"tokenizer.json": ...}`` from the train split's ``artifacts()``; required
+            by the test split, optional for train (otherwise the tokenizer is fitted).
+        image_size: Image side in pixels (the PNGs are 64).
+        vocab_size: Largest WordPiece vocabulary fitted on the train texts.
+        max_tokens: Longest token sequence (``[CLS]`` included).
+        train_variants: Include skin-tone variants in the train split.
+        test_variants: Include skin-tone variants in the test split (default: bases only, so
+            retrieval chance is 10/400 at R@10).
+
+    Labels (evaluation only): ``category`` and ``group_id`` (base emoji; variants share it).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        split: str = "train",
+        seed: int = 0,
+        augment: bool | None = None,
+        artifacts: dict[str, str] | None = None,
+        image_size: int = 32,
+        vocab_size: int = 2000,
+        max_tokens: int = 32,
+        train_variants: bool = True,
+        test_variants: bool = False,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        base = resolve_data_root(root)
+        require_files(NAME, base, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
+        if split == "test" and TOKENIZER_FILE not in (artifacts or {}):
+            raise DataError(
+                f"{NAME} test split needs artifacts[{TOKENIZER_FILE!r}]: pass the train split's "
+                "artifacts() so both splits share one tokenizer"
+            )
+        self.split = split
+        self.seed = seed
+        self.augment = split == "train" if augment is None else augment
+        self.max_tokens = max_tokens
+        entries, self.n_skipped, self.category_names = build_catalogue(
+            _read_json(base / EMOJI_JSON), _read_json(base / LABELS_JSON), base / IMAGES
+        )
+        if self.n_skipped:
+            logger.warning("%s: skipped %d images without a file or an English label", NAME, self.n_skipped)
+        held_out = held_out_groups(entries[-1].group + 1 if entries else 0)
+        variants = train_variants if split == "train" else test_variants
+        self.entries = [
+            e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)
+        ]
+        self.tokenizer = self._tokenizer(artifacts or {}, vocab_size)
+        self._tokens = [self.tokenizer.encode(e.text, max_tokens) for e in self.entries]
+        self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
+        folder = base / IMAGES
+        self._images = np.stack([self.image_tf.prepare(load_image(folder / e.image)) for e in self.entries])
+
+    def _tokenizer(self, artifacts: dict[str, str], vocab_size: int) -> TextTokenizer:
+        if TOKENIZER_FILE in artifacts:
+            return TextTokenizer.from_json(artifacts[TOKENIZER_FILE])
+        return TextTokenizer.fit([e.text for e in self.entries], vocab_size=vocab_size)
+
+    def artifacts(self) -> dict[str, str]:
+        """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""
+        return {TOKENIZER_FILE: self.tokenizer.to_json()}
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        """``image``: ``[3, S, S]``; ``text``: token ids ``[T <= max_tokens]``."""
+        return {
+            "image": ModalitySpec("image", channels=3, size=self.image_tf.size),
+            "text": ModalitySpec("text", channels=0, vocab_size=self.tokenizer.vocab_size),
+        }
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """``("category", "group_id")``."""
+        return ("category", "group_id")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def text(self, index: int) -> str:
+        """The raw text of sample ``index``."""
+        return self.entries[index].text
+
+    def __getitem__(self, index: int) -> Sample:
+        e = self.entries[index]
+        values: dict[str, Tensor] = {"image": self.image_tf(self._images[index]), "text": self._tokens[index]}
+        return Sample(id=e.uid, values=values, labels={"category": e.category, "group_id": e.group})

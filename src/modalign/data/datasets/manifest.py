@@ -1,0 +1,570 @@
+"""``manifest``: your own paired data from a JSONL or CSV file, with no code.
+
+One row per sample, one column per modality::
+
+    {"id": "cat-01", "photo": "img/cat01.png", "caption": "a grey cat", "sound": "wav/cat01.wav"}
+    {"id": "dog-07", "photo": "img/dog07.jpg", "caption": "a dog asleep", "sound": null}
+
+* Image (``.png .jpg .jpeg .bmp .gif .webp``), audio (``.wav .flac .ogg``) and NumPy (``.npy``:
+  ``[C, T]`` series or ``[D]`` vector) values are paths relative to the manifest's folder (or
+  absolute); text is inline.
+* An empty value (``""``, JSON ``null``, an absent JSON key) means the modality is missing for
+  that row: partially paired data is allowed and collates with ``present = False``.
+* Kinds are given (``modalities={"photo": "image", ...}``) or inferred from each column's first
+  non-empty value (extension as above, ``.npy`` by its rank, any other string: text).
+* Rows are numbered 1-based over data rows (a CSV header and blank JSONL lines are not counted).
+
+Everything is decoded and validated when the dataset is built (eagerly, in memory), so a bad
+file fails at once with the manifest, row, column, file and reason; data that does not fit in
+memory belongs in streamed shards instead. With ``skip_bad=True`` bad rows are skipped,
+counted in ``n_skipped`` and listed in ``skipped``.
+
+Splits: ``train_file`` is the training split and ``test_file`` the test split. Without a
+``test_file`` the test split is a hold-out of 10% of ``train_file``'s rows (at least one),
+drawn with ``seed``: build both splits with the same seed. State fitted on the train split
+(one WordPiece tokenizer per text column, per-channel statistics per series column) is
+returned by ``artifacts()`` and must be passed to the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from modalign.core.errors import ConfigError, DataError
+from modalign.core.registry import register
+from modalign.core.types import MODALITY_KINDS, ModalitySpec, Sample
+from modalign.data.base import MultimodalDataset
+from modalign.data.transforms.audio import AudioTransform, load_audio
+from modalign.data.transforms.image import ImageTransform, load_image
+from modalign.data.transforms.series import SeriesTransform
+from modalign.data.transforms.text import TextTokenizer, TextTransform
+
+logger = logging.getLogger(__name__)
+
+NAME = "manifest"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+#: Fraction of ``train_file`` rows held out as the test split when there is no ``test_file``.
+HOLDOUT_FRACTION = 0.1
+ROW_NOTE = "1-based, counting data rows only"
+#: Series augmentation (Um et al. 2017): Gaussian jitter and per-channel scale, in std units.
+SERIES_JITTER = 0.03
+SERIES_SCALE = 0.1
+
+
+class _BadValueError(Exception):
+    """A value of one row that cannot be used; ``file`` is the path it points to, if any."""
+
+    def __init__(self, why: str, file: Path | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.file = file
+
+
+@dataclass
+class _Row:
+    """A decoded row: ``values`` holds prepared raw values (not yet transformed)."""
+
+    number: int
+    id: int
+    values: dict[str, Any]
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read a JSONL (``.jsonl``/``.ndjson``) or CSV/TSV (``.csv``/``.tsv``) manifest.
+
+    Returns:
+        ``(columns, rows)``: the header's columns (JSONL: every key, in first-seen order) and one
+        dict per data row.
+
+    Raises:
+        DataError: Unknown extension, unreadable file, or a JSONL line that is not an object.
+    """
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read manifest {str(path)!r}: {e}") from None
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [dict(r) for r in reader]
+        return list(reader.fieldnames or []), rows
+    if suffix not in (".jsonl", ".ndjson"):
+        raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; "
+                        "use .jsonl, .ndjson, .csv or .tsv")
+    rows, columns = [], {}
+    for line in (ln for ln in text.splitlines() if ln.strip()):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is not "
+                            f"valid JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is "
+                            f"{type(row).__name__}, expected a JSON object")
+        rows.append(row)
+        columns.update(dict.fromkeys(row))
+    return list(columns), rows
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _kind_of(value: Any, base: Path) -> str | None:
+    """Kind of a manifest value by its extension (``None``: not a string, cannot tell)."""
+    if not isinstance(value, str):
+        return None
+    low = value.strip().lower()
+    if low.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if low.endswith(AUDIO_EXTENSIONS):
+        return "audio"
+    if low.endswith(".npy"):
+        try:
+            return "series" if np.load(base / value.strip(), mmap_mode="r").ndim == 2 else "vector"
+        except (OSError, ValueError):
+            return None
+    return "text"
+
+
+def infer_kinds(columns: list[str], rows: list[dict[str, Any]], base: Path) -> dict[str, str]:
+    """Kind of each column from its first non-empty value that tells (see the module doc).
+
+    Raises:
+        DataError: If a column's values are not strings or no ``.npy`` of it can be read.
+    """
+    kinds: dict[str, str] = {}
+    for col in columns:
+        values = [r.get(col) for r in rows if not _is_empty(r.get(col))]
+        if not values:
+            continue
+        kind = next((k for k in (_kind_of(v, base) for v in values) if k is not None), None)
+        if kind is None:
+            raise DataError(f"column {col!r}: cannot infer a modality kind from {values[0]!r} (need a "
+                            "file path or inline text); pass modalities={column: kind} to choose columns")
+        kinds[col] = kind
+    return kinds
+
+
+def stable_id(value: Any) -> int:
+    """Integer id of an id value: ints (or decimal strings) as they are, other strings hashed.
+
+    Raises:
+        ValueError: If ``value`` is empty or neither an int nor a string.
+    """
+    if isinstance(value, bool) or _is_empty(value) or not isinstance(value, (int, str)):
+        raise ValueError(f"id must be an int or a non-empty string, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def label_classes(rows: list[dict[str, Any]], column: str) -> tuple[str, ...] | None:
+    """Class names of a label column over ``rows`` (sorted), or ``None`` if all are ints >= 0."""
+    values = [r.get(column) for r in rows if not _is_empty(r.get(column))]
+    as_text = [str(v).strip() for v in values]
+    if all(not isinstance(v, (bool, float)) and t.isdigit() for v, t in zip(values, as_text, strict=True)):
+        return None
+    return tuple(sorted(set(as_text)))
+
+
+def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train rows, test rows)``: a seeded hold-out of ``HOLDOUT_FRACTION`` (>= 1 row).
+
+    Raises:
+        DataError: If ``n < 2``.
+    """
+    if n < 2:
+        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; "
+                        "pass test_file")
+    n_test = max(1, round(n * HOLDOUT_FRACTION))
+    perm = np.random.default_rng([seed, 10]).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def resolve_manifest(name: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
+    """Resolve a manifest path.
+
+    Absolute paths are kept; relative ones resolve against ``root`` if it is an existing
+    folder, else against the current directory.
+
+    Raises:
+        DataError: If the file does not exist.
+    """
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        base = Path(root).expanduser() if root is not None else None
+        path = (base if base is not None and base.is_dir() else Path.cwd()) / path
+    if not path.is_file():
+        raise DataError(f"manifest {str(path)!r} does not exist (relative manifest paths resolve against "
+                        "the data root if it exists, else the current directory)")
+    return path
+
+
+def _file_of(value: Any, base: Path) -> Path:
+    if not isinstance(value, str):
+        raise _BadValueError(f"expected a file path, got {value!r}")
+    path = Path(value.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_array(path: Path, kind: str) -> np.ndarray:
+    """Load a ``.npy`` series ``[C, T]`` or vector ``[D]`` as finite ``float32``.
+
+    Raises:
+        DataError: Unreadable file, non-numeric dtype, wrong rank, empty or non-finite array.
+    """
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read .npy file: {e}") from None
+    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
+            or np.iscomplexobj(arr):
+        raise DataError(f"expected a real numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
+    rank = 2 if kind == "series" else 1
+    if arr.ndim != rank:
+        what = "a series [C, T]" if kind == "series" else "a vector [D]"
+        raise DataError(f"expected {what} (rank {rank}), got an array of shape {arr.shape} (rank {arr.ndim})")
+    if arr.size == 0 or not np.isfinite(arr).all():
+        raise DataError(f"array of shape {arr.shape} is empty or holds NaN/infinite values")
+    return arr.astype(np.float32)
+
+
+def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], base: Path) -> dict[str, int]:
+    """Channels (series ``C``, vector ``D``) of each ``.npy`` column: those of its first readable value."""
+    ref: dict[str, int] = {}
+    for col, kind in kinds.items():
+        if kind not in ("series", "vector"):
+            continue
+        for row in rows:
+            if _is_empty(row.get(col)):
+                continue
+            try:
+                ref[col] = int(load_array(_file_of(row[col], base), kind).shape[0])
+                break
+            except (DataError, _BadValueError):
+                continue
+    return ref
+
+
+@register("dataset", NAME)
+class ManifestDataset(MultimodalDataset):
+    """Paired samples listed in a JSONL or CSV manifest (see the module docstring).
+
+    Args:
+        root: Folder that relative manifest paths resolve against (if it exists; else the
+            current directory).
+        split: ``"train"`` (``train_file``) or ``"test"`` (``test_file``, or the hold-out).
+        seed: Seeds the hold-out test split (use the same seed for both splits).
+        augment: Random transforms (``None``: on for ``train``).
+        artifacts: ``artifacts()`` of the train split: ``tokenizer-<column>.json`` and
+            ``series-<column>.json``; required by the test split.
+        train_file: Training manifest (``.jsonl``/``.ndjson``/``.csv``/``.tsv``).
+        test_file: Test manifest, or ``None`` to hold out 10% of ``train_file``'s rows.
+        modalities: ``{column: kind}`` with kinds among image/audio/text/series/vector;
+            ``None`` infers every column except ``id_column`` and ``label_columns``.
+        id_column: Column of sample ids (ints, or strings hashed stably; equal ids = same
+            content); if the header lacks it, the 0-based row index is the id.
+        label_columns: Evaluation-only labels: non-negative ints kept as they are, other
+            values mapped to the index of their sorted unique value over ``train_file``.
+        skip_bad: Skip bad rows (counted in ``n_skipped``, listed in ``skipped``) instead of
+            raising.
+        image_size: Side of the square images. image_channels: 1 (grey) or 3 (RGB).
+        sample_rate: Audio rate in Hz. n_mels, n_fft, hop_length: log-mel parameters.
+        max_seconds: Longest audio clip kept (longer ones are cropped).
+        vocab_size: Largest WordPiece vocabulary per text column. max_tokens: tokens per text.
+
+    Raises:
+        DataError: Naming the manifest, 1-based data row, column, file and reason of a bad
+            value; a column missing from the header; a split without a good row.
+        ConfigError: Unknown split or modality kind.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", seed: int = 0,
+                 augment: bool | None = None, artifacts: dict[str, str] | None = None, *,
+                 train_file: str, test_file: str | None = None, modalities: dict[str, str] | None = None,
+                 id_column: str = "id", label_columns: list[str] | None = None, skip_bad: bool = False,
+                 image_size: int = 64, image_channels: int = 3, sample_rate: int = 16000, n_mels: int = 64,
+                 max_seconds: float = 4.0, n_fft: int = 512, hop_length: int = 160, vocab_size: int = 8000,
+                 max_tokens: int = 64) -> None:
+        if split not in ("train", "test"):
+            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        self.split, self.seed, self.skip_bad = split, seed, skip_bad
+        self.augment = split == "train" if augment is None else augment
+        self.sample_rate = sample_rate
+        self.train_path = resolve_manifest(train_file, root)
+        own_file = split == "test" and test_file is not None
+        self.path = resolve_manifest(test_file, root) if own_file and test_file else self.train_path
+        train_columns, train_rows = read_manifest(self.train_path)
+        columns, rows = read_manifest(self.path) if own_file else (train_columns, train_rows)
+        self.id_column = id_column if id_column in columns else None
+        self.label_columns = list(label_columns or [])
+        self.kinds = self._choose_kinds(train_columns, train_rows, modalities, id_column)
+        self._require_columns(columns, [*self.kinds, *self.label_columns])
+        self._channels = reference_channels(self.kinds, train_rows, self.train_path.parent)
+        self._classes = {c: label_classes(train_rows, c) for c in self.label_columns}
+        self._class_index = {c: {name: i for i, name in enumerate(names)}
+                             for c, names in self._classes.items() if names is not None}
+        self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
+        self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length,
+                                       augment=self.augment)
+        self._rows = self._decode_rows(rows, self._split_indices(len(rows), test_file is None))
+        self._fit(artifacts or {}, vocab_size, max_tokens)
+
+    def _choose_kinds(self, columns: list[str], rows: list[dict[str, Any]],
+                      modalities: dict[str, str] | None, id_column: str) -> dict[str, str]:
+        if modalities is None:
+            skip = {id_column, *self.label_columns}
+            kinds = infer_kinds([c for c in columns if c not in skip], rows, self.train_path.parent)
+        else:
+            for col, kind in modalities.items():
+                if kind not in MODALITY_KINDS:
+                    raise ConfigError(f"modalities.{col}", f"unknown modality kind {kind!r}",
+                                      list(MODALITY_KINDS))
+            kinds = dict(modalities)
+        self._require_columns(columns, [*kinds, *self.label_columns], self.train_path)
+        both = sorted(set(kinds) & set(self.label_columns))
+        if both:
+            raise ConfigError("label_columns", f"columns {both} are both modalities and labels")
+        if not kinds:
+            raise DataError(f"manifest {str(self.train_path)!r}: no modality column (columns: {columns})")
+        return dict(sorted(kinds.items()))
+
+    def _require_columns(self, columns: list[str], needed: list[str], path: Path | None = None) -> None:
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(f"manifest {str(path or self.path)!r}: column(s) {missing} not in its header; "
+                            f"the header's columns are {columns}")
+
+    def _split_indices(self, n: int, holdout: bool) -> list[int]:
+        if not holdout:
+            return list(range(n))
+        train, test = holdout_split(n, self.seed)
+        return [int(i) for i in (train if self.split == "train" else test)]
+
+    def _where(self, number: int, column: str, file: Path | None) -> str:
+        where = f"manifest {str(self.path)!r}, data row {number} ({ROW_NOTE}), column {column!r}"
+        return where + (f", file {str(file)!r}" if file is not None else "")
+
+    def _decode_rows(self, rows: list[dict[str, Any]], indices: list[int]) -> list[_Row]:
+        """Decode and validate ``rows[i]`` for ``i`` in ``indices``; bad rows raise or are skipped."""
+        good: list[_Row] = []
+        self.skipped: list[str] = []
+        self._unseen: dict[str, int] = {}
+        for i in indices:
+            try:
+                good.append(self._decode_row(rows[i], i))
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append(str(e))
+        self.n_skipped = len(self.skipped)
+        if self.skipped:
+            logger.warning("%s: skipped %d of %d rows with bad values; first: %s", self.path,
+                           self.n_skipped, len(indices), self.skipped[0])
+        for col, n in self._unseen.items():
+            logger.warning("%s: %d rows of label %r have values absent from %s (label -1)", self.path, n,
+                           col, self.train_path)
+        if not good:
+            detail = "; ".join(self.skipped[:3]) if self.skipped else "it has no data rows"
+            raise DataError(f"manifest {str(self.path)!r}: no usable row in split {self.split!r}: {detail}")
+        return good
+
+    def _decode_row(self, row: dict[str, Any], index: int) -> _Row:
+        """Decode one row (``index`` is 0-based in its file).
+
+        Raises:
+            DataError: Naming the manifest, row, column, file and reason.
+        """
+        number = index + 1
+        values: dict[str, Any] = {}
+        for col, kind in self.kinds.items():
+            if _is_empty(row.get(col)):
+                continue
+            file = None if kind == "text" else _file_of(row[col], self.path.parent)
+            try:
+                values[col] = self._decode_value(kind, row[col], file, col)
+            except _BadValueError as e:
+                raise DataError(f"{self._where(number, col, e.file or file)}: {e.why}") from None
+        if not values:
+            raise DataError(f"{self._where(number, ', '.join(self.kinds), None)}: no modality has a value")
+        sample_id = index
+        if self.id_column is not None:
+            try:
+                sample_id = stable_id(row.get(self.id_column))
+            except ValueError as e:
+                raise DataError(f"{self._where(number, self.id_column, None)}: {e}") from None
+        return _Row(number, sample_id, values, self._labels(row, number))
+
+    def _decode_value(self, kind: str, value: Any, file: Path | None, column: str) -> Any:
+        """Decode one value (``file is None`` for inline text) into a prepared raw value.
+
+        Returns:
+            Image ``uint8 [S, S, C]``, audio ``FloatTensor[N]``, text ``str``, series
+            ``float32 [C, T]`` or vector ``FloatTensor[D]``.
+        """
+        if file is None:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise _BadValueError(f"expected inline text, got {value!r}")
+            return str(value)
+        if not file.is_file():
+            raise _BadValueError("file does not exist", file)
+        try:
+            if kind == "image":
+                return self.image_tf.prepare(load_image(file))
+            if kind == "audio":
+                return load_audio(file, self.sample_rate)
+            arr = load_array(file, kind)
+        except DataError as e:
+            raise _BadValueError(str(e), file) from None
+        ref = self._channels.get(column)
+        if ref is not None and arr.shape[0] != ref:
+            raise _BadValueError(f"{arr.shape[0]} {'channels' if kind == 'series' else 'values'} (shape "
+                            f"{arr.shape}), but the first readable row of {self.train_path.name} has {ref}")
+        return torch.from_numpy(arr) if kind == "vector" else arr
+
+    def _labels(self, row: dict[str, Any], number: int) -> dict[str, int]:
+        labels: dict[str, int] = {}
+        for col in self.label_columns:
+            value = row.get(col)
+            if _is_empty(value):
+                continue
+            index, text = self._class_index.get(col), str(value).strip()
+            if index is None:
+                if isinstance(value, (bool, float)) or not text.isdigit():
+                    raise DataError(f"{self._where(number, col, None)}: label {value!r} is not an int >= 0 "
+                                    f"like the train file's values")
+                labels[col] = int(text)
+            elif text in index:
+                labels[col] = index[text]
+            else:
+                self._unseen[col] = self._unseen.get(col, 0) + 1
+        return labels
+
+    def _need(self, artifacts: dict[str, str], key: str) -> str | None:
+        """``artifacts[key]``, or ``None`` on the train split (fit it); the test split requires it."""
+        if key in artifacts:
+            return artifacts[key]
+        if self.split == "test":
+            raise DataError(f"manifest {str(self.path)!r}: the test split needs {key!r} from the train "
+                            f"split's artifacts() (got {sorted(artifacts)})")
+        return None
+
+    def _fit(self, artifacts: dict[str, str], vocab_size: int, max_tokens: int) -> None:
+        """Build per-column text tokenizers and series statistics; encode the texts once."""
+        self.tokenizers: dict[str, TextTokenizer] = {}
+        self._series_tf: dict[str, SeriesTransform] = {}
+        self._stats: dict[str, dict[str, list[float]]] = {}
+        for col, kind in self.kinds.items():
+            present = [r.values[col] for r in self._rows if col in r.values]
+            if kind == "text":
+                self.tokenizers[col] = self._tokenizer(col, artifacts, present, vocab_size)
+                text_tf = TextTransform(self.tokenizers[col], max_tokens)
+                for r in self._rows:
+                    if col in r.values:
+                        r.values[col] = text_tf(r.values[col])
+            elif kind == "series":
+                self._series_tf[col] = self._series_transform(col, artifacts, present)
+
+    def _tokenizer(self, col: str, artifacts: dict[str, str], texts: list[str],
+                   vocab_size: int) -> TextTokenizer:
+        key = f"tokenizer-{col}.json"
+        stored = self._need(artifacts, key)
+        if stored is not None:
+            try:
+                return TextTokenizer.from_json(stored)
+            except DataError as e:
+                raise DataError(f"artifact {key!r}: {e}") from None
+        try:
+            return TextTokenizer.fit(texts, vocab_size=vocab_size)
+        except DataError as e:
+            raise DataError(f"manifest {str(self.path)!r}, text column {col!r}: {e}") from None
+
+    def _series_transform(self, col: str, artifacts: dict[str, str],
+                          series: list[np.ndarray]) -> SeriesTransform:
+        key = f"series-{col}.json"
+        stored = self._need(artifacts, key)
+        if stored is None:
+            if not series:
+                raise DataError(f"manifest {str(self.path)!r}, series column {col!r}: "
+                                "no value in the train split")
+            mean, std = SeriesTransform.fit(series)
+        else:
+            try:
+                stats = json.loads(stored)
+                mean, std = [float(m) for m in stats["mean"]], [float(s) for s in stats["std"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"artifact {key!r} is not {{'mean': [...], 'std': [...]}}: {e}") from None
+            if self._channels.get(col, len(mean)) != len(mean):
+                raise DataError(f"artifact {key!r} has {len(mean)} channels, column {col!r} of "
+                                f"{str(self.train_path)!r} has {self._channels[col]}")
+        self._stats[col] = {"mean": mean, "std": std}
+        return SeriesTransform(mean, std, augment=self.augment, jitter=SERIES_JITTER, scale=SERIES_SCALE)
+
+    def artifacts(self) -> dict[str, str]:
+        """``tokenizer-<column>.json`` per text column and ``series-<column>.json`` per series column."""
+        out = {f"tokenizer-{c}.json": tok.to_json() for c, tok in self.tokenizers.items()}
+        out.update({f"series-{c}.json": json.dumps(s) for c, s in self._stats.items()})
+        return out
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        """One spec per modality column, sorted by name."""
+        specs: dict[str, ModalitySpec] = {}
+        for col, kind in self.kinds.items():
+            if kind == "image":
+                specs[col] = ModalitySpec("image", channels=self.image_tf.channels, size=self.image_tf.size)
+            elif kind == "audio":
+                specs[col] = ModalitySpec("audio", channels=self.audio_tf.n_mels)
+            elif kind == "text":
+                specs[col] = ModalitySpec("text", vocab_size=self.tokenizers[col].vocab_size)
+            else:
+                specs[col] = ModalitySpec(kind, channels=self._channels[col])
+        return specs
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The ``label_columns``."""
+        return tuple(self.label_columns)
+
+    def label_classes(self, column: str) -> tuple[str, ...] | None:
+        """Class names of a string label column (index = label), ``None`` for an int column."""
+        return self._classes[column]
+
+    def row_number(self, index: int) -> int:
+        """1-based data row (in ``self.path``) of sample ``index``."""
+        return self._rows[index].number
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self._rows[index]
+        values: dict[str, Tensor] = {}
+        for col, raw in row.values.items():
+            kind = self.kinds[col]
+            if kind == "image":
+                values[col] = self.image_tf(raw)
+            elif kind == "audio":
+                values[col] = self.audio_tf(raw)
+            elif kind == "series":
+                values[col] = self._series_tf[col](raw)
+            else:
+                values[col] = raw
+        return Sample(id=row.id, values=values, labels=dict(row.labels))

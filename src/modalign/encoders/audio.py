@@ -1,0 +1,114 @@
+"""Audio encoders over log-mel spectrograms ``FloatTensor[B, n_mels, T]``.
+
+``padding`` is ``BoolTensor[B, T]`` over frames (``True`` = padded). Padded frames are zeroed
+before every convolution, so their values never reach valid outputs, and the returned
+``padding`` marks output tokens whose whole receptive window was padded.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modalign.core.errors import ConfigError
+from modalign.core.modules import Encoder
+from modalign.core.registry import register
+from modalign.core.types import EncoderOutput
+from modalign.nn.layers import (
+    PatchEmbed1d,
+    SinusoidalPositions,
+    Transformer,
+    check_sequence,
+    conv_bn_relu,
+    downsample_padding,
+    masked_mean,
+    zero_padded,
+)
+
+
+@register("encoder", "audio_cnn")
+class AudioCNN(Encoder):
+    """2-D CNN over the spectrogram as a one-channel image (VGGish / PANNs style).
+
+    Follows the CNNs of Hershey et al. 2017 and Kong et al. 2020.
+    Stages of two conv-BN-ReLU layers with 2x2 max-pooling (ceil mode, so ``T`` down to one
+    frame works) between stages; the last map is averaged over frequency. ``tokens`` are
+    frames ``[B, T', dim]`` with ``T' = ceil(T / 2^(len(widths)-1))``; ``padding`` is
+    downsampled to ``[B, T']``; ``pooled`` is the masked mean over frames followed by a linear
+    layer, ``[B, dim]``.
+
+    Args:
+        in_channels: Mel bins (from the modality spec).
+        widths: Channels of each stage.
+        dim: Output width ``D``.
+    """
+
+    kind = "audio"
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128), dim: int = 128) -> None:
+        super().__init__()
+        if not widths:
+            raise ConfigError("widths", "audio_cnn needs at least one stage")
+        self.in_channels = in_channels
+        self.dim = dim
+        chans = [1, *widths]
+        self.stages = nn.ModuleList(
+            nn.ModuleList([conv_bn_relu(chans[i], chans[i + 1]), conv_bn_relu(chans[i + 1], chans[i + 1])])
+            for i in range(len(widths))
+        )
+        self.to_tokens = nn.Linear(widths[-1], dim)
+        self.pool_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        check_sequence(x, padding, self.in_channels, "audio_cnn")
+        h = zero_padded(x, padding).unsqueeze(1)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                h = F.max_pool2d(h, 2, ceil_mode=True)
+                if padding is not None:
+                    padding = downsample_padding(padding, h.shape[-1], stride=2)
+            for conv in stage:  # re-zero padded frames after every conv: zero padding semantics
+                h = zero_padded(conv(h), padding)
+        tokens = self.to_tokens(h.mean(dim=2).transpose(1, 2))
+        pooled = self.pool_proj(masked_mean(tokens, padding))
+        return EncoderOutput(tokens=tokens, pooled=pooled, padding=padding)
+
+
+@register("encoder", "audio_transformer")
+class AudioTransformer(Encoder):
+    """Transformer over spectrogram frames (AST / Whisper-encoder style, 1-D frame patches).
+
+    Follows Gong et al. 2021 (AST) and Radford et al. 2022 (Whisper).
+    Frames of ``patch`` time steps are embedded by a strided conv1d over the mel bins,
+    sinusoidal positions are added and pre-norm transformer blocks attend with the padding
+    mask. ``tokens`` are ``[B, ceil(T/patch), dim]``; ``pooled`` is their masked mean
+    ``[B, dim]``.
+
+    Args:
+        in_channels: Mel bins (from the modality spec).
+        patch: Time steps per token.
+        dim: Width ``D``.
+        depth: Number of transformer blocks.
+        heads: Attention heads (must divide ``dim``).
+        mlp_ratio: Hidden width of the block MLP relative to ``dim``.
+        dropout: Dropout in attention and MLP.
+    """
+
+    kind = "audio"
+
+    def __init__(self, in_channels: int, patch: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.dim = dim
+        self.embed = PatchEmbed1d(in_channels, dim, patch)
+        self.positions = SinusoidalPositions(dim)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        check_sequence(x, padding, self.in_channels, "audio_transformer")
+        tokens, padding = self.embed(x, padding)
+        tokens = self.transformer(self.positions(tokens), padding)
+        return EncoderOutput(tokens=tokens, pooled=masked_mean(tokens, padding), padding=padding)

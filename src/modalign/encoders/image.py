@@ -1,0 +1,129 @@
+"""Image encoders: a small VGG-style CNN and a Vision Transformer.
+
+Both read ``FloatTensor[B, C, H, W]`` and ignore ``padding`` (images are never padded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modalign.core.errors import ConfigError
+from modalign.core.modules import Encoder
+from modalign.core.registry import register
+from modalign.core.types import EncoderOutput, ModalitySpec
+from modalign.nn.layers import PatchEmbed2d, Transformer, conv_bn_relu
+
+
+def _check_image(x: Tensor, channels: int, name: str) -> None:
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} expects images [B, {channels}, H, W], got shape {tuple(x.shape)}")
+
+
+@register("encoder", "image_cnn")
+class ImageCNN(Encoder):
+    """VGG-style CNN (Simonyan & Zisserman 2015).
+
+    Stages of two conv-BN-ReLU layers with 2x2 max-pooling between stages.
+    Input ``FloatTensor[B, C, H, W]`` (28x28 MNIST up to ~64 px). ``tokens`` are the cells of
+    the last feature map after a 1x1 conv to ``dim``: ``[B, H'W', dim]`` with
+    ``H' = ceil(H / 2^(len(widths)-1))``; ``pooled`` is the mean over tokens followed by a
+    linear layer: ``[B, dim]``; ``padding`` is ``None``.
+
+    Args:
+        in_channels: Image channels (from the modality spec).
+        widths: Channels of each stage.
+        dim: Output width ``D``.
+    """
+
+    kind = "image"
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128), dim: int = 128) -> None:
+        super().__init__()
+        if not widths:
+            raise ConfigError("widths", "image_cnn needs at least one stage")
+        self.in_channels = in_channels
+        self.dim = dim
+        stages: list[nn.Module] = []
+        c = in_channels
+        for i, w in enumerate(widths):
+            if i > 0:
+                stages.append(nn.MaxPool2d(2, ceil_mode=True))
+            stages += [conv_bn_relu(c, w), conv_bn_relu(w, w)]
+            c = w
+        self.features = nn.Sequential(*stages)
+        self.to_tokens = nn.Conv2d(c, dim, kernel_size=1)
+        self.pool_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, C, H, W]`` (``padding`` is ignored)."""
+        _check_image(x, self.in_channels, "image_cnn")
+        tokens = self.to_tokens(self.features(x)).flatten(2).transpose(1, 2)
+        return EncoderOutput(tokens=tokens, pooled=self.pool_proj(tokens.mean(dim=1)), padding=None)
+
+
+@register("encoder", "image_vit")
+class ImageViT(Encoder):
+    """Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
+
+    Input ``FloatTensor[B, C, S, S]`` with ``S = image_size``. Non-overlapping ``patch x patch``
+    patches are embedded, a learned [CLS] token and learned positions are added, and pre-norm
+    transformer blocks follow. ``tokens`` are the patch tokens ``[B, (S/patch)^2, dim]``;
+    ``pooled`` is the final [CLS] token ``[B, dim]``; ``padding`` is ``None``.
+
+    Args:
+        in_channels: Image channels (from the modality spec).
+        image_size: Side length ``S`` in pixels (from the modality spec's ``size``).
+        patch: Patch side in pixels; must divide ``image_size``.
+        dim: Width ``D``.
+        depth: Number of transformer blocks.
+        heads: Attention heads (must divide ``dim``).
+        mlp_ratio: Hidden width of the block MLP relative to ``dim``.
+        dropout: Dropout in attention and MLP.
+    """
+
+    kind = "image"
+
+    def __init__(self, in_channels: int, image_size: int, patch: int = 4, dim: int = 128, depth: int = 4,
+                 heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if image_size % patch != 0:
+            raise ConfigError("patch", f"patch={patch} must divide image_size={image_size}")
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.dim = dim
+        self.patch_embed = PatchEmbed2d(in_channels, dim, patch)
+        n = (image_size // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, n + 1, dim))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+
+    @classmethod
+    def spec_kwargs(cls, spec: ModalitySpec) -> dict[str, Any]:
+        """``in_channels`` and ``image_size`` from the spec.
+
+        Raises:
+            ConfigError: If the spec has no image ``size``.
+        """
+        if spec.size is None:
+            raise ConfigError("size", "image_vit needs a fixed image size in the modality spec")
+        return {"in_channels": spec.channels, "image_size": spec.size}
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, C, S, S]`` (``padding`` is ignored).
+
+        Raises:
+            ValueError: If the image is not ``[B, in_channels, image_size, image_size]``.
+        """
+        _check_image(x, self.in_channels, "image_vit")
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            size = self.image_size
+            raise ValueError(f"image_vit was built for {size}x{size} images, got shape {tuple(x.shape)}")
+        patches = self.patch_embed(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos
+        h = self.transformer(h)
+        return EncoderOutput(tokens=h[:, 1:], pooled=h[:, 0], padding=None)

@@ -1,0 +1,111 @@
+"""Time-series encoders over ``FloatTensor[B, C, T]`` (channels first).
+
+``padding`` is ``BoolTensor[B, T]`` (``True`` = padded). Padded steps are zeroed before every
+convolution so their values never reach valid outputs; the sequence length is kept, so the
+returned ``padding`` is the input's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from modalign.core.errors import ConfigError
+from modalign.core.modules import Encoder
+from modalign.core.registry import register
+from modalign.core.types import EncoderOutput
+from modalign.nn.layers import (
+    SinusoidalPositions,
+    Transformer,
+    check_sequence,
+    conv_bn_relu,
+    masked_max,
+    masked_mean,
+    zero_padded,
+)
+
+
+@register("encoder", "series_conv")
+class SeriesConv(Encoder):
+    """Fully convolutional network for time series (Wang et al. 2017).
+
+    After "Time Series Classification from Scratch with Deep Neural Networks: A Strong
+    Baseline". A stack of conv1d-BN-ReLU layers with "same" padding. ``tokens`` are time steps after a
+    linear map to ``dim``: ``[B, T, dim]``; ``pooled`` is a linear map of the concatenated
+    masked mean and masked max over time, ``[B, dim]``.
+
+    Args:
+        in_channels: Series channels (from the modality spec).
+        widths: Channels of each conv layer.
+        kernel: Odd kernel length.
+        dim: Output width ``D``.
+    """
+
+    kind = "series"
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (64, 128, 128), kernel: int = 5,
+                 dim: int = 128) -> None:
+        super().__init__()
+        if not widths:
+            raise ConfigError("widths", "series_conv needs at least one layer")
+        if kernel % 2 == 0:
+            raise ConfigError("kernel", f"series_conv needs an odd kernel, got {kernel}")
+        self.in_channels = in_channels
+        self.dim = dim
+        chans = [in_channels, *widths]
+        self.layers = nn.ModuleList(
+            conv_bn_relu(chans[i], chans[i + 1], dims=1, kernel=kernel) for i in range(len(widths))
+        )
+        self.to_tokens = nn.Linear(widths[-1], dim)
+        self.pool_proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        check_sequence(x, padding, self.in_channels, "series_conv")
+        h = zero_padded(x, padding)
+        for layer in self.layers:
+            h = zero_padded(layer(h), padding)
+        tokens = self.to_tokens(h.transpose(1, 2))
+        stats = torch.cat([masked_mean(tokens, padding), masked_max(tokens, padding)], dim=-1)
+        return EncoderOutput(tokens=tokens, pooled=self.pool_proj(stats), padding=padding)
+
+
+@register("encoder", "series_transformer")
+class SeriesTransformer(Encoder):
+    """Transformer for time series with a convolutional stem.
+
+    The conv stem follows Xiao et al. 2021 ("Early Convolutions Help Transformers See
+    Better"), applied to 1-D signals.
+    A conv1d stem ("same" padding, GELU) maps channels to ``dim``; sinusoidal positions and
+    pre-norm transformer blocks with the padding mask follow. ``tokens`` are ``[B, T, dim]``;
+    ``pooled`` is their masked mean ``[B, dim]``.
+
+    Args:
+        in_channels: Series channels (from the modality spec).
+        dim: Width ``D``.
+        depth: Number of transformer blocks.
+        heads: Attention heads (must divide ``dim``).
+        kernel: Odd kernel length of the stem.
+        mlp_ratio: Hidden width of the block MLP relative to ``dim``.
+        dropout: Dropout in attention and MLP.
+    """
+
+    kind = "series"
+
+    def __init__(self, in_channels: int, dim: int = 128, depth: int = 2, heads: int = 4, kernel: int = 5,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ConfigError("kernel", f"series_transformer needs an odd kernel, got {kernel}")
+        self.in_channels = in_channels
+        self.dim = dim
+        self.stem = nn.Sequential(nn.Conv1d(in_channels, dim, kernel, padding=kernel // 2), nn.GELU())
+        self.positions = SinusoidalPositions(dim)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        check_sequence(x, padding, self.in_channels, "series_transformer")
+        tokens = self.stem(zero_padded(x, padding)).transpose(1, 2)
+        tokens = self.transformer(self.positions(tokens), padding)
+        return EncoderOutput(tokens=tokens, pooled=masked_mean(tokens, padding), padding=padding)

@@ -1,0 +1,122 @@
+"""Text encoders over token ids ``LongTensor[B, T]`` (pad id ``0``).
+
+``padding`` is ``BoolTensor[B, T]`` (``True`` = padded); when it is ``None`` it is derived as
+``x == 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from modalign.core.errors import ConfigError
+from modalign.core.modules import Encoder
+from modalign.core.registry import register
+from modalign.core.types import EncoderOutput, ModalitySpec
+from modalign.nn.heads import MLPHead
+from modalign.nn.layers import LearnedPositions, Transformer, masked_mean
+
+
+def _text_padding(x: Tensor, padding: Tensor | None, vocab_size: int, name: str) -> Tensor:
+    if x.dim() != 2 or x.is_floating_point():
+        raise ValueError(f"{name} expects token ids LongTensor[B, T], got {x.dtype} {tuple(x.shape)}")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
+        raise ValueError(
+            f"{name}: token ids must lie in [0, {vocab_size}), got range [{int(x.min())}, {int(x.max())}]"
+        )
+    if padding is None:
+        return x == 0
+    if padding.shape != x.shape:
+        raise ValueError(f"{name}: padding {tuple(padding.shape)} does not match ids {tuple(x.shape)}")
+    return padding.bool()
+
+
+class _TextEncoder(Encoder):
+    kind = "text"
+
+    @classmethod
+    def spec_kwargs(cls, spec: ModalitySpec) -> dict[str, Any]:
+        """``vocab_size`` from the spec.
+
+        Raises:
+            ConfigError: If the spec has no ``vocab_size``.
+        """
+        if spec.vocab_size is None:
+            raise ConfigError("vocab_size", f"{cls.__name__} needs the tokenizer's vocabulary size")
+        return {"vocab_size": spec.vocab_size}
+
+
+@register("encoder", "text_transformer")
+class TextTransformer(_TextEncoder):
+    """Bidirectional transformer text encoder (BERT, Devlin et al. 2019).
+
+    The CLIP text tower (Radford et al. 2021) without the causal mask.
+    Token and learned position embeddings, pre-norm transformer blocks with the padding mask.
+    ``tokens`` are ``[B, T, dim]``; ``pooled`` is the masked mean over valid tokens
+    (``pool="mean"``) or the first token (``pool="cls"``, for tokenizers that prepend [CLS]),
+    ``[B, dim]``.
+
+    Args:
+        vocab_size: Tokenizer vocabulary size (from the modality spec).
+        dim: Width ``D``.
+        depth: Number of transformer blocks.
+        heads: Attention heads (must divide ``dim``).
+        max_len: Longest accepted sequence.
+        pool: ``"mean"`` or ``"cls"``.
+        mlp_ratio: Hidden width of the block MLP relative to ``dim``.
+        dropout: Dropout in attention and MLP.
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, heads: int = 4, max_len: int = 64,
+                 pool: Literal["mean", "cls"] = "mean", mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if pool not in ("mean", "cls"):
+            raise ConfigError("pool", f"invalid value {pool!r}", ["mean", "cls"])
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.pool = pool
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.positions = LearnedPositions(dim, max_len)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding.
+
+        Raises:
+            ValueError: On non-integer or out-of-vocabulary ids, ``T > max_len`` or a padding
+                mask of another shape.
+        """
+        padding = _text_padding(x, padding, self.vocab_size, "text_transformer")
+        tokens = self.transformer(self.positions(self.embed(x)), padding)
+        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, padding)
+        return EncoderOutput(tokens=tokens, pooled=pooled, padding=padding)
+
+
+@register("encoder", "text_bow")
+class TextBoW(_TextEncoder):
+    """Bag of words (fastText-like, Joulin et al. 2017): token embeddings, masked mean, MLP.
+
+    Order-free and cheap; strong for short label texts ("a photo of a seven"). ``tokens`` are
+    the token embeddings ``[B, T, dim]``; ``pooled`` is ``MLP(masked mean)`` ``[B, dim]``.
+
+    Args:
+        vocab_size: Tokenizer vocabulary size (from the modality spec).
+        dim: Width ``D``.
+        hidden: Hidden width of the MLP.
+        layers: Linear layers of the MLP (``>= 1``).
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 128, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.mlp = MLPHead(dim, dim, hidden=hidden, layers=layers)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding."""
+        padding = _text_padding(x, padding, self.vocab_size, "text_bow")
+        tokens = self.embed(x)
+        return EncoderOutput(tokens=tokens, pooled=self.mlp(masked_mean(tokens, padding)), padding=padding)

@@ -1,0 +1,298 @@
+"""Shared layers: masked pooling, padding bookkeeping, transformer blocks, positions, patches.
+
+Padding masks follow ``modalign.core.types``: ``BoolTensor[B, T]`` with ``True`` = padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_padding(x: Tensor, padding: Tensor) -> None:
+    if padding.dim() != 2 or padding.shape != x.shape[:2]:
+        raise ValueError(
+            f"padding of shape {tuple(padding.shape)} does not match tokens of shape {tuple(x.shape)}"
+        )
+
+
+def check_sequence(x: Tensor, padding: Tensor | None, channels: int, name: str) -> None:
+    """Check a channels-first sequence ``x: [B, channels, T]`` and its ``padding: [B, T]``.
+
+    Raises:
+        ValueError: Naming ``name`` (the component) and the offending shapes.
+    """
+    if x.dim() != 3 or x.shape[1] != channels:
+        raise ValueError(f"{name} expects [B, {channels}, T], got shape {tuple(x.shape)}")
+    if padding is not None and padding.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(
+            f"{name}: padding of shape {tuple(padding.shape)} does not match input {tuple(x.shape)}"
+        )
+
+
+def masked_mean(x: Tensor, padding: Tensor | None = None) -> Tensor:
+    """Mean over valid tokens.
+
+    Args:
+        x: ``Tensor[B, T, D]``.
+        padding: ``BoolTensor[B, T]`` (``True`` = padded) or ``None`` (all valid).
+
+    Returns:
+        ``Tensor[B, D]``; rows whose tokens are all padded give zeros (never NaN).
+
+    Raises:
+        ValueError: If ``padding`` does not match ``x[:, :, 0]`` in shape.
+    """
+    if padding is None:
+        return x.mean(dim=1)
+    _check_padding(x, padding)
+    valid = (~padding).unsqueeze(-1).to(x.dtype)
+    return (x * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+
+def masked_max(x: Tensor, padding: Tensor | None = None) -> Tensor:
+    """Maximum over valid tokens.
+
+    Args:
+        x: ``Tensor[B, T, D]``.
+        padding: ``BoolTensor[B, T]`` (``True`` = padded) or ``None``.
+
+    Returns:
+        ``Tensor[B, D]``; rows whose tokens are all padded give zeros.
+    """
+    if padding is None:
+        return x.amax(dim=1)
+    _check_padding(x, padding)
+    filled = x.masked_fill(padding.unsqueeze(-1), float("-inf")).amax(dim=1)
+    return filled.masked_fill(padding.all(dim=1, keepdim=True), 0.0)
+
+
+def zero_padded(x: Tensor, padding: Tensor | None) -> Tensor:
+    """Set padded time steps of a channels-first tensor to zero.
+
+    Args:
+        x: ``Tensor[B, ..., T]`` (time last, e.g. ``[B, C, T]`` or ``[B, C, F, T]``).
+        padding: ``BoolTensor[B, T]`` or ``None`` (returns ``x`` unchanged).
+
+    Returns:
+        ``x`` with zeros where ``padding`` is ``True``, so convolutions see zero padding.
+    """
+    if padding is None:
+        return x
+    if padding.shape != (x.shape[0], x.shape[-1]):
+        raise ValueError(
+            f"padding of shape {tuple(padding.shape)} does not match input of shape {tuple(x.shape)} "
+            "(time must be the last axis)"
+        )
+    mask = padding.view(padding.shape[0], *([1] * (x.dim() - 2)), padding.shape[1])
+    return x.masked_fill(mask, 0.0)
+
+
+def downsample_padding(padding: Tensor, new_len: int, kernel: int | None = None,
+                       stride: int | None = None) -> Tensor:
+    """Padding mask of a downsampled sequence.
+
+    An output position is padded iff every source position it covers is padded.
+
+    Args:
+        padding: ``BoolTensor[B, T]`` (``True`` = padded).
+        new_len: Output length ``T'``.
+        kernel: Window length of the downsampling op (defaults to ``stride``).
+        stride: Step of the downsampling op; output ``j`` covers ``[j*stride, j*stride+kernel)``
+            clipped to ``T``. ``None`` uses adaptive windows
+            ``[floor(j*T/T'), ceil((j+1)*T/T'))`` as ``adaptive_max_pool1d`` does.
+
+    Returns:
+        ``BoolTensor[B, T']``; output positions beyond the input are padded.
+    """
+    if padding.dim() != 2:
+        raise ValueError(f"padding must be [B, T], got shape {tuple(padding.shape)}")
+    if new_len < 1:
+        raise ValueError(f"new_len must be >= 1, got {new_len}")
+    valid = (~padding).to(torch.float32).unsqueeze(1)
+    if stride is None:
+        pooled = F.adaptive_max_pool1d(valid, new_len)
+    else:
+        k = kernel or stride
+        length = valid.shape[-1]
+        need = max(0, (new_len - 1) * stride + k - length)
+        pooled = F.max_pool1d(F.pad(valid, (0, need)), k, stride)[..., :new_len]
+    return pooled.squeeze(1) < 0.5
+
+
+def conv_bn_relu(c_in: int, c_out: int, dims: int = 2, kernel: int = 3) -> nn.Sequential:
+    """``conv(kernel, same padding, no bias) -> BatchNorm -> ReLU`` in 1-D (``dims=1``) or 2-D."""
+    if kernel % 2 == 0:
+        raise ValueError(f"conv_bn_relu needs an odd kernel for same padding, got {kernel}")
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return nn.Sequential(conv(c_in, c_out, kernel, padding=kernel // 2, bias=False), norm(c_out), nn.ReLU())
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block (Vaswani et al. 2017; pre-norm as in GPT-2 / ViT).
+
+    ``x = x + Attn(LN(x)); x = x + MLP(LN(x))``. Rows whose tokens are all padded attend to
+    every token (instead of producing NaN); their outputs are meaningless and must be masked.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: ``Tensor[B, T, D]``.
+            padding: ``BoolTensor[B, T]`` key padding mask (``True`` = padded) or ``None``.
+
+        Returns:
+            ``Tensor[B, T, D]``.
+        """
+        mask = None
+        if padding is not None:
+            _check_padding(x, padding)
+            mask = padding & ~padding.all(dim=1, keepdim=True)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of ``TransformerBlock``s followed by a final LayerNorm."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Map ``Tensor[B, T, D]`` (with optional ``BoolTensor[B, T]`` padding) to ``[B, T, D]``."""
+        for block in self.blocks:
+            x = block(x, padding)
+        return self.norm(x)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sine/cosine positional encoding (Vaswani et al. 2017), added to the input.
+
+    The table grows on demand, so any sequence length works.
+    """
+
+    pe: Tensor
+
+    def __init__(self, dim: int, max_len: int = 1024) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("pe", self._table(max_len, dim), persistent=False)
+
+    @staticmethod
+    def _table(length: int, dim: int) -> Tensor:
+        pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(length, dim)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+        return table
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x + PE[:T]`` for ``x: Tensor[B, T, D]``."""
+        length = x.shape[1]
+        if length > self.pe.shape[0]:
+            self.pe = self._table(length, self.dim).to(self.pe.device)
+        return x + self.pe[:length].to(x.dtype)
+
+
+class LearnedPositions(nn.Module):
+    """Learned absolute position embeddings (BERT, ViT) for at most ``max_len`` tokens."""
+
+    def __init__(self, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.zeros(max_len, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x + P[:T]`` for ``x: Tensor[B, T, D]``.
+
+        Raises:
+            ValueError: If ``T > max_len``.
+        """
+        if x.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {x.shape[1]} tokens exceeds max_len={self.max_len}")
+        return x + self.weight[: x.shape[1]]
+
+
+class PatchEmbed2d(nn.Module):
+    """Non-overlapping ``patch x patch`` patches of an image, linearly embedded (ViT).
+
+    Maps ``Tensor[B, C, H, W]`` to ``Tensor[B, (H/p)(W/p), D]`` in row-major patch order.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embed patches.
+
+        Raises:
+            ValueError: If ``x`` is not 4-D or ``H``/``W`` is not a multiple of ``patch``.
+        """
+        if x.dim() != 4 or x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise ValueError(
+                f"expected an image [B, C, H, W] with H and W multiples of patch={self.patch}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class PatchEmbed1d(nn.Module):
+    """Non-overlapping frames of ``patch`` time steps, linearly embedded (a strided conv1d).
+
+    ``Tensor[B, C, T]`` is right-padded with zeros to a multiple of ``patch`` and mapped to
+    ``Tensor[B, ceil(T/patch), D]``; padded input steps are zeroed first, so they never leak
+    into a frame.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch: int) -> None:
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"patch must be >= 1, got {patch}")
+        self.patch = patch
+        self.proj = nn.Conv1d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Embed frames.
+
+        Args:
+            x: ``Tensor[B, C, T]``.
+            padding: ``BoolTensor[B, T]`` or ``None``.
+
+        Returns:
+            ``(tokens Tensor[B, T', D], padding BoolTensor[B, T'] or None)``.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"expected [B, C, T], got shape {tuple(x.shape)}")
+        x = zero_padded(x, padding)
+        extra = (-x.shape[-1]) % self.patch
+        x = F.pad(x, (0, extra))
+        tokens = self.proj(x).transpose(1, 2)
+        if padding is None:
+            return tokens, None
+        return tokens, downsample_padding(padding, tokens.shape[1], stride=self.patch)

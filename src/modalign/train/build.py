@@ -1,0 +1,127 @@
+"""Turn a validated ``Recipe`` into datasets, loaders and a ``Method``.
+
+Constructors receive explicit arguments (STYLE rule 4): this module is the only place that
+reads the recipe tree and spreads it into keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from modalign.core.config import check_component
+from modalign.core.errors import ConfigError
+from modalign.core.modules import Encoder
+from modalign.core.registry import create, lookup
+from modalign.core.types import ModalitySpec
+from modalign.data.base import MultimodalDataset
+from modalign.data.collate import Collator
+from modalign.methods.base import Method
+from modalign.train.recipe import (
+    DATASET_PROVIDED,
+    ENCODER_PROVIDED,
+    HEAD_PROVIDED,
+    METHOD_PROVIDED,
+    Recipe,
+)
+
+
+def build_dataset(
+    recipe: Recipe,
+    split: str,
+    data_root: str | None = None,
+    artifacts: dict[str, str] | None = None,
+    augment: bool | None = None,
+) -> MultimodalDataset:
+    """Create the recipe's dataset for ``split``; ``data_root`` overrides ``data.root``."""
+    name, kwargs = check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
+    if data_root is not None:
+        kwargs["root"] = data_root
+    dataset: MultimodalDataset = create(
+        "dataset", name, split=split, seed=recipe.train.seed, augment=augment, artifacts=artifacts, **kwargs
+    )
+    return dataset
+
+
+def build_encoder(modality: str, spec: ModalitySpec, entry: dict[str, Any]) -> Encoder:
+    """Create one encoder from its recipe mapping and the data's ``ModalitySpec``.
+
+    Raises:
+        ConfigError: If the encoder reads another modality kind than the data provides.
+    """
+    path = f"model.encoders.{modality}"
+    name, kwargs = check_component("encoder", entry, path, ENCODER_PROVIDED)
+    cls = lookup("encoder", name)
+    if cls.kind != spec.kind:
+        raise ConfigError(
+            f"{path}.name",
+            f"encoder {name!r} reads {cls.kind!r} but modality {modality!r} is {spec.kind!r}",
+            [n for n in _encoders_of_kind(spec.kind)],
+        )
+    encoder: Encoder = cls(**cls.spec_kwargs(spec), **kwargs)
+    return encoder
+
+
+def _encoders_of_kind(kind: str) -> list[str]:
+    from modalign.core.registry import available
+
+    return [n for n in available("encoder") if lookup("encoder", n).kind == kind]
+
+
+def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
+    """Create encoders, heads, fusion and the method named by the recipe.
+
+    Raises:
+        ConfigError: If the recipe names a modality the dataset does not have.
+    """
+    encoders: dict[str, Encoder] = {}
+    for modality in sorted(recipe.model.encoders):
+        if modality not in specs:
+            raise ConfigError(f"model.encoders.{modality}", "the dataset has no such modality", sorted(specs))
+        encoders[modality] = build_encoder(modality, specs[modality], recipe.model.encoders[modality])
+        if modality in recipe.model.frozen:
+            encoders[modality].freeze()
+    head_name, head_kwargs = check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
+    heads: dict[str, nn.Module] = {
+        m: create("head", head_name, in_dim=enc.dim, out_dim=recipe.model.embed_dim, **head_kwargs)
+        for m, enc in encoders.items()
+    }
+    fusion_name, fusion_kwargs = check_component("fusion", recipe.model.fusion, "model.fusion")
+    fusion = create("fusion", fusion_name, **fusion_kwargs)
+    method_name, method_kwargs = check_component("method", recipe.method, "method", METHOD_PROVIDED)
+    method: Method = create(
+        "method", method_name, encoders=encoders, heads=heads, fusion=fusion, **method_kwargs
+    )
+    return method
+
+
+def make_loader(
+    dataset: MultimodalDataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    """A ``DataLoader`` collating into ``Batch``; shuffling is seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=Collator(dataset.modalities),
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

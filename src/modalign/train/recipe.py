@@ -1,0 +1,172 @@
+"""Recipes: typed, validated, serialisable run configurations read from YAML.
+
+A recipe has five sections (``data``, ``model``, ``method``, ``train``, ``eval``). The
+``data``/``method`` sections and each encoder/head/fusion entry are *component mappings*
+(``{name: ..., **kwargs}``) validated against the registered constructor; the rest are
+pydantic models with ``extra="forbid"``. Every error is a ``ConfigError`` naming the key path,
+the allowed values and, for typos, the closest match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from modalign.core.config import apply_overrides, check_component
+from modalign.core.errors import ConfigError
+
+#: Constructor arguments the framework fills in (a recipe may not set them).
+DATASET_PROVIDED = frozenset({"split", "seed", "augment", "artifacts"})
+ENCODER_PROVIDED = frozenset({"in_channels", "vocab_size", "image_size", "length"})
+HEAD_PROVIDED = frozenset({"in_dim", "out_dim"})
+METHOD_PROVIDED = frozenset({"encoders", "heads", "fusion"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Towers, heads and fusion."""
+
+    embed_dim: int = Field(128, gt=0, description="Width E of the shared embedding space.")
+    encoders: dict[str, dict[str, Any]] = Field(
+        description="Per modality: an encoder mapping {name: ..., **args}; see `modalign recipes --components`."
+    )
+    head: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "linear"}, description="Projection head for every modality."
+    )
+    fusion: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "none"}, description="Fusion module; `none` = two towers."
+    )
+    frozen: list[str] = Field(default_factory=list, description="Modalities whose encoder is frozen.")
+
+
+class TrainConfig(_Section):
+    """Optimisation and run control."""
+
+    epochs: int = Field(10, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(256, gt=1, description="Samples per step (per process).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay (not on norms/biases/temperature).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    grad_clip: float | None = Field(1.0, description="Max global gradient norm; null disables clipping.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 enables autocast.")
+    seed: int = Field(0, description="Seed of parameters, pairing, shuffling and augmentation.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl records.")
+    save_every: int = Field(1, gt=0, description="Epochs between checkpoints (the last epoch is always saved).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many epoch checkpoints to keep.")
+    threads: int | None = Field(None, description="torch intra-op threads; null = torch default.")
+
+
+class EvalConfig(_Section):
+    """Evaluation after training (and by `modalign eval`)."""
+
+    label: str | None = Field(None, description="Evaluation label for class-match, zero-shot and probes.")
+    chunk_size: int = Field(1024, gt=0, description="Query rows per similarity chunk (memory ~ chunk x gallery).")
+    knn_k: int = Field(10, gt=0, description="Neighbours of the kNN classifier.")
+    probe: bool = Field(True, description="Fit linear probes and kNN on train embeddings.")
+    plots: bool = Field(True, description="Write PNG plots into RUN_DIR/plots.")
+    projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of test embeddings.")
+    batch_size: int = Field(512, gt=0, description="Batch size for embedding the data.")
+
+
+class Recipe(_Section):
+    """A whole run. ``data`` and ``method`` are component mappings."""
+
+    data: dict[str, Any] = Field(description="Dataset mapping {name: ..., **args}; see `modalign datasets`.")
+    model: ModelConfig
+    method: dict[str, Any] = Field(description="Method mapping {name: clip|siglip|..., **args}.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _pydantic_error(err: pydantic.ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        *parent, key = [str(p) for p in first["loc"]]
+        allowed = _allowed_keys(parent)
+        close = difflib.get_close_matches(key, allowed, n=2)
+        return ConfigError(path, "unknown key", allowed, close)
+    expected = first.get("ctx", {}).get("expected")
+    allowed = re.findall(r"'([^']*)'", expected) if expected else None
+    return ConfigError(path, f"{first['msg']} (got {first.get('input')!r})", allowed)
+
+
+def _allowed_keys(parent: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for key in parent:
+        annotation = model.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def validate_recipe(tree: dict[str, Any]) -> Recipe:
+    """Validate a recipe tree: sections, then every component mapping.
+
+    Raises:
+        ConfigError: The first problem, with its key path and allowed values.
+    """
+    if not isinstance(tree, dict):
+        raise ConfigError("", f"a recipe must be a mapping, got {type(tree).__name__}")
+    try:
+        recipe = Recipe.model_validate(tree)
+    except pydantic.ValidationError as e:
+        raise _pydantic_error(e) from None
+    check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
+    check_component("method", recipe.method, "method", METHOD_PROVIDED)
+    check_component("fusion", recipe.model.fusion, "model.fusion")
+    check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
+    for modality, spec in recipe.model.encoders.items():
+        check_component("encoder", spec, f"model.encoders.{modality}", ENCODER_PROVIDED)
+    unknown = sorted(set(recipe.model.frozen) - set(recipe.model.encoders))
+    if unknown:
+        raise ConfigError("model.frozen", f"no encoder for {unknown}", sorted(recipe.model.encoders))
+    return recipe
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """``{name: path}`` of the YAML recipes shipped in ``modalign/configs/recipes``."""
+    folder = resources.files("modalign") / "configs" / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a packaged recipe by name or a YAML file by path, apply overrides, validate.
+
+    Raises:
+        ConfigError: Unknown recipe name (with suggestions), unreadable YAML or invalid content.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        known = packaged_recipes()
+        if str(name_or_path) not in known:
+            close = difflib.get_close_matches(str(name_or_path), list(known), n=2)
+            raise ConfigError("recipe", f"unknown recipe {str(name_or_path)!r}", sorted(known), close)
+        path = known[str(name_or_path)]
+    if not path.is_file():
+        raise ConfigError("recipe", f"recipe file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("recipe", f"{path}: invalid YAML: {e}") from None
+    return validate_recipe(apply_overrides(tree, overrides or []))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """Serialise the resolved recipe (all defaults filled in) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,209 @@
+"""A run directory: train, evaluate, embed.
+
+``RUN_DIR`` holds ``config.yaml`` (the resolved recipe), ``artifacts/`` (fitted data state such
+as tokenizers), ``checkpoints/``, ``metrics.jsonl``, ``eval.json`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from modalign.core.errors import ConfigError
+from modalign.data.base import MultimodalDataset
+from modalign.eval import (
+    EmbeddingSet,
+    embed_loader,
+    evaluate_embeddings,
+    plot_loss_curve,
+    plot_projection,
+    plot_similarity_matrix,
+    write_eval_json,
+)
+from modalign.methods.base import Method
+from modalign.train.build import build_dataset, build_method, make_loader, resolve_device
+from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
+from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
+from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+EVAL_FILE = "eval.json"
+ARTIFACTS_DIR = "artifacts"
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    """Create ``run_dir`` and write the resolved recipe; refuse to resume a different recipe.
+
+    Raises:
+        ConfigError: If ``run_dir`` already holds a run of another recipe and ``resume`` is set.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    text = dump_recipe(recipe)
+    if resume and path.exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
+        old = validate_recipe(yaml.safe_load(path.read_text()))
+        if dump_recipe(old) != text:
+            raise ConfigError(
+                "run_dir", f"{run_dir} holds a run of a different recipe; pick a new --run-dir or --no-resume"
+            )
+    write_text_atomic(path, text)
+
+
+def save_artifacts(dataset: MultimodalDataset, run_dir: Path) -> None:
+    """Write the train split's fitted state (``dataset.artifacts()``) into ``run_dir/artifacts``."""
+    folder = run_dir / ARTIFACTS_DIR
+    folder.mkdir(exist_ok=True)
+    for name, text in dataset.artifacts().items():
+        write_text_atomic(folder / name, text)
+
+
+def load_artifacts(run_dir: Path) -> dict[str, str]:
+    """``{file name: content}`` saved by ``save_artifacts``."""
+    folder = run_dir / ARTIFACTS_DIR
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def train_run(recipe: Recipe, run_dir: Path, resume: bool = True, max_epochs: int | None = None
+              ) -> dict[str, float] | None:
+    """Train the recipe in ``run_dir`` (resuming if possible), then evaluate.
+
+    Args:
+        recipe: Validated recipe (``data.root`` already resolved by the caller if given).
+        run_dir: Run directory.
+        resume: Continue from the latest checkpoint of ``run_dir``.
+        max_epochs: Stop after this many epochs in this call (the run stays resumable).
+
+    Returns:
+        The flat test metrics, or ``None`` if the run stopped before its last epoch.
+    """
+    prepare_run_dir(recipe, run_dir, resume)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    seed_everything(recipe.train.seed)
+    train_ds = build_dataset(recipe, "train")
+    save_artifacts(train_ds, run_dir)
+    method = build_method(recipe, train_ds.modalities)
+    device = resolve_device(recipe.train.device)
+    trainer = Trainer(method, train_ds, recipe.train, run_dir, device)
+    state = trainer.fit(resume=resume, max_epochs=max_epochs)
+    if state.epoch < recipe.train.epochs:
+        log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
+        return None
+    return evaluate_method(recipe, method, run_dir, device)
+
+
+def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Method]:
+    """Rebuild the recipe and method of ``run_dir`` with its latest weights.
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` has no config or no complete checkpoint.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
+    recipe = validate_recipe(yaml.safe_load(path.read_text()))
+    if data_root is not None:
+        recipe.data = {**recipe.data, "root": str(Path(data_root).resolve())}
+    folder = latest_checkpoint(run_dir / "checkpoints")
+    if folder is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/latest)")
+    train_ds = build_dataset(recipe, "train", artifacts=load_artifacts(run_dir), augment=False)
+    method = build_method(recipe, train_ds.modalities)
+    load_weights(folder, method)
+    return recipe, method
+
+
+def embed_split(recipe: Recipe, method: Method, dataset: MultimodalDataset, device: torch.device
+                ) -> EmbeddingSet:
+    """Embed every sample of ``dataset`` (no augmentation) with ``method``."""
+    loader = make_loader(dataset, recipe.eval.batch_size, shuffle=False, num_workers=recipe.train.num_workers)
+    return embed_loader(method.to(device), loader, device=device)
+
+
+def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch.device) -> dict[str, float]:
+    """Embed train and test splits, compute the flat metrics, write ``eval.json`` and plots."""
+    artifacts = load_artifacts(run_dir)
+    test = embed_split(recipe, method, build_dataset(recipe, "test", artifacts=artifacts, augment=False), device)
+    train = None
+    if recipe.eval.probe and recipe.eval.label is not None:
+        train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
+        train = embed_split(recipe, method, train_ds, device)
+    metrics = evaluate_embeddings(train, test, recipe.eval.label, chunk_size=recipe.eval.chunk_size,
+                                  knn_k=recipe.eval.knn_k, probe=recipe.eval.probe)
+    write_eval_json(metrics, run_dir / EVAL_FILE)
+    if recipe.eval.plots:
+        write_plots(recipe, test, run_dir)
+    return metrics
+
+
+def write_plots(recipe: Recipe, test: EmbeddingSet, run_dir: Path) -> list[Path]:
+    """Loss curve, test similarity matrix and 2-D projection into ``run_dir/plots``."""
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    written = []
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.exists():
+        records = [r for r in read_metrics(metrics_path) if "loss" in r]
+        if records:
+            written.append(plot_loss_curve(records, folder / "loss.png"))
+    labels = test.labels.get(recipe.eval.label) if recipe.eval.label else None
+    names = sorted(test.embeddings)
+    if len(names) >= 2:
+        a, b = names[:2]
+        both = test.present[a] & test.present[b]
+        sub = test.subset(both)
+        sub_labels = sub.labels.get(recipe.eval.label) if recipe.eval.label else None
+        written.append(plot_similarity_matrix(sub.embeddings[a], sub.embeddings[b], sub_labels,
+                                              folder / "similarity.png"))
+    written.append(plot_projection(test.embeddings, labels, folder / "projection.png",
+                                   method=recipe.eval.projection))
+    return written
+
+
+def evaluate_run(run_dir: Path, data_root: str | None = None) -> dict[str, float]:
+    """Re-evaluate the latest checkpoint of ``run_dir`` (writes ``eval.json`` and plots)."""
+    recipe, method = load_run(run_dir, data_root)
+    return evaluate_method(recipe, method, run_dir, resolve_device(recipe.train.device))
+
+
+def save_embeddings(emb: EmbeddingSet, out: Path) -> Path:
+    """Write embeddings, presence masks, ids and labels as a ``.npz`` file."""
+    arrays: dict[str, Any] = {"ids": emb.ids.numpy()}
+    for m, x in emb.embeddings.items():
+        arrays[f"embeddings/{m}"] = x.numpy()
+        arrays[f"present/{m}"] = emb.present[m].numpy()
+    for name, y in emb.labels.items():
+        arrays[f"labels/{name}"] = y.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    return out
+
+
+def embed_data(run_dir: Path, data: str, out: Path, data_root: str | None = None) -> Path:
+    """Embed ``data`` (``train``/``test`` split of the run's dataset, or a manifest file) to ``out``.
+
+    A manifest file is read with the run's own manifest settings and fitted artifacts, so it
+    must have the columns the run was trained on.
+
+    Raises:
+        ConfigError: If ``data`` is a manifest path but the run was not trained on a manifest.
+    """
+    recipe, method = load_run(run_dir, data_root)
+    artifacts = load_artifacts(run_dir)
+    if data in ("train", "test"):
+        dataset = build_dataset(recipe, data, artifacts=artifacts, augment=False)
+    else:
+        if recipe.data.get("name") != "manifest":
+            raise ConfigError("--data", f"{data!r} is not a split (train|test); a manifest file needs a run "
+                              "trained on the `manifest` dataset")
+        recipe.data = {**recipe.data, "test_file": str(Path(data).resolve())}
+        dataset = build_dataset(recipe, "test", artifacts=artifacts, augment=False)
+    emb = embed_split(recipe, method, dataset, resolve_device(recipe.train.device))
+    return save_embeddings(emb, out)

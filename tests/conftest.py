@@ -1,0 +1,19 @@
+"""Shared fixtures: the real-data root (``$MODALIGN_DATA``, default ``../shared/data``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real-data folder; skips the test when it is absent."""
+    root = Path(os.environ.get("MODALIGN_DATA", str(REPO_ROOT.parent / "shared" / "data")))
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root} (set MODALIGN_DATA=DIR)")
+    return root

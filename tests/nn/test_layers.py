@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+
+from modalign.nn.layers import (
+    LearnedPositions,
+    PatchEmbed1d,
+    PatchEmbed2d,
+    SinusoidalPositions,
+    Transformer,
+    TransformerBlock,
+    conv_bn_relu,
+    downsample_padding,
+    masked_max,
+    masked_mean,
+    zero_padded,
+)
+
+
+def _lengths_to_padding(lengths: list[int], t: int) -> torch.Tensor:
+    return torch.arange(t)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def test_masked_mean_matches_loop_and_handles_empty_rows() -> None:
+    x = torch.randn(3, 5, 4)
+    padding = _lengths_to_padding([5, 2, 0], 5)
+    out = masked_mean(x, padding)
+    torch.testing.assert_close(out[0], x[0].mean(0))
+    torch.testing.assert_close(out[1], x[1, :2].mean(0))
+    assert torch.equal(out[2], torch.zeros(4))
+    torch.testing.assert_close(masked_mean(x), x.mean(1))
+
+
+def test_masked_max_matches_loop_and_handles_empty_rows() -> None:
+    x = torch.randn(3, 5, 4)
+    padding = _lengths_to_padding([5, 2, 0], 5)
+    out = masked_max(x, padding)
+    torch.testing.assert_close(out[1], x[1, :2].amax(0))
+    assert torch.equal(out[2], torch.zeros(4))
+
+
+def test_masked_mean_rejects_mismatched_padding() -> None:
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        masked_mean(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_zero_padded_zeroes_last_axis() -> None:
+    x = torch.ones(2, 3, 4, 5)
+    out = zero_padded(x, _lengths_to_padding([5, 3], 5))
+    assert out[0].sum() == 3 * 4 * 5
+    assert out[1, ..., 3:].abs().sum() == 0 and out[1, ..., :3].sum() == 3 * 4 * 3
+
+
+@pytest.mark.parametrize(("t", "kernel", "stride"), [(9, 2, 2), (8, 4, 4), (7, 3, 2), (1, 2, 2)])
+def test_downsample_padding_strided_matches_brute_force(t: int, kernel: int, stride: int) -> None:
+    padding = torch.rand(6, t) > 0.5
+    padding[0] = False
+    new_len = math.ceil((t - kernel) / stride) + 1 if t >= kernel else 1
+    out = downsample_padding(padding, new_len, kernel=kernel, stride=stride)
+    for b in range(padding.shape[0]):
+        for j in range(new_len):
+            covered = padding[b, j * stride : min(j * stride + kernel, t)]
+            assert bool(out[b, j]) == bool(covered.all())
+    assert not out[0].any()
+
+
+def test_downsample_padding_adaptive_matches_brute_force() -> None:
+    t, new_len = 10, 4
+    padding = _lengths_to_padding([10, 7, 3, 0], t)
+    out = downsample_padding(padding, new_len)
+    for b in range(4):
+        for j in range(new_len):
+            lo, hi = (j * t) // new_len, -((-(j + 1) * t) // new_len)
+            assert bool(out[b, j]) == bool(padding[b, lo:hi].all())
+
+
+def test_transformer_block_ignores_padded_keys_and_survives_empty_rows() -> None:
+    torch.manual_seed(0)
+    block = TransformerBlock(16, heads=4).eval()
+    x = torch.randn(3, 6, 16)
+    padding = _lengths_to_padding([6, 3, 0], 6)
+    out = block(x, padding)
+    x2 = x.clone()
+    x2[1, 3:] = 100.0 * torch.randn(3, 16)
+    out2 = block(x2, padding)
+    torch.testing.assert_close(out[1, :3], out2[1, :3])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # without the mask the same change does reach the valid tokens
+    assert not torch.allclose(block(x, None)[1, :3], block(x2, None)[1, :3])
+
+
+def test_transformer_block_rejects_indivisible_heads() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerBlock(10, heads=4)
+
+
+def test_transformer_stack_shape() -> None:
+    out = Transformer(8, depth=2, heads=2)(torch.randn(2, 5, 8), _lengths_to_padding([5, 2], 5))
+    assert out.shape == (2, 5, 8) and torch.isfinite(out).all()
+
+
+def test_sinusoidal_positions_values_and_growth() -> None:
+    pos = SinusoidalPositions(6, max_len=4)
+    x = torch.zeros(1, 10, 6)
+    out = pos(x)
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(out[0, 7, 0], torch.tensor(math.sin(7.0)))
+    assert out.shape == (1, 10, 6)
+
+
+def test_learned_positions_rejects_long_sequences() -> None:
+    pos = LearnedPositions(4, max_len=3)
+    assert pos(torch.zeros(2, 3, 4)).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="max_len=3"):
+        pos(torch.zeros(2, 4, 4))
+
+
+def test_patch_embed2d_shape_and_error() -> None:
+    embed = PatchEmbed2d(3, 8, patch=4)
+    assert embed(torch.randn(2, 3, 32, 16)).shape == (2, 8 * 4, 8)
+    with pytest.raises(ValueError, match=r"\(2, 3, 30, 32\)"):
+        embed(torch.randn(2, 3, 30, 32))
+
+
+def test_patch_embed1d_pads_to_multiple_and_downsamples_padding() -> None:
+    embed = PatchEmbed1d(5, 8, patch=4)
+    padding = _lengths_to_padding([10, 5, 4], 10)
+    tokens, out_pad = embed(torch.randn(3, 5, 10), padding)
+    assert tokens.shape == (3, 3, 8)
+    assert out_pad is not None
+    assert out_pad.tolist() == [[False, False, False], [False, False, True], [False, True, True]]
+    x = torch.randn(3, 5, 10)
+    x2 = x.clone()
+    x2[2, :, 4:] = 50.0
+    torch.testing.assert_close(embed(x, padding)[0][2, 0], embed(x2, padding)[0][2, 0])
+
+
+def test_conv_bn_relu_requires_odd_kernel() -> None:
+    assert conv_bn_relu(2, 4, dims=1, kernel=5)(torch.randn(2, 2, 9)).shape == (2, 4, 9)
+    with pytest.raises(ValueError, match="odd kernel"):
+        conv_bn_relu(2, 4, kernel=4)
