@@ -36,7 +36,8 @@ def _write_assets(folder: Path, n: int) -> list[dict[str, Any]]:
     for i in range(n):
         pixels = rng.integers(0, 256, (12 + i, 10, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
-        sf.write(folder / "wav" / f"{i}.wav", 0.3 * np.sin(np.arange(2000 + 100 * i) * (0.05 + 0.01 * i)), 8000)
+        wave = 0.3 * np.sin(np.arange(2000 + 100 * i) * (0.05 + 0.01 * i))
+        sf.write(folder / "wav" / f"{i}.wav", wave, 8000)
         np.save(folder / "npy" / f"s{i}.npy", rng.normal(size=(3, 20 + i)).astype(np.float32))
         np.save(folder / "npy" / f"v{i}.npy", rng.normal(size=5))
         rows.append({"id": f"item-{i}", "photo": f"img/{i}.png", "sound": f"wav/{i}.wav",
@@ -166,6 +167,9 @@ def test_every_row_bad_raises_even_with_skip_bad(tmp_path: Path, rows: list[dict
     path = _write_jsonl(tmp_path / "m.jsonl", [{**r, "photo": "img/gone.png"} for r in rows])
     with pytest.raises(DataError, match="no usable row"):
         _dataset(path, skip_bad=True, modalities={"photo": "image"}, label_columns=[])
+    path = _write_jsonl(tmp_path / "n.jsonl", [{**r, "motion": "npy/v0.npy"} for r in rows])  # rank 1
+    with pytest.raises(DataError, match=r"column 'motion' \(series\) has no readable \.npy value"):
+        _dataset(path, skip_bad=True, modalities={"motion": "series"}, label_columns=[])
 
 
 def test_unknown_modality_column_lists_the_header(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
@@ -173,7 +177,7 @@ def test_unknown_modality_column_lists_the_header(tmp_path: Path, rows: list[dic
     with pytest.raises(DataError) as e:
         _dataset(path, modalities={"photo": "image", "picture": "image"})
     assert "'picture'" in str(e.value) and "'photo'" in str(e.value) and "'caption'" in str(e.value)
-    with pytest.raises(ConfigError, match="modalities.photo"):
+    with pytest.raises(ConfigError, match=r"modalities\.photo"):
         _dataset(path, modalities={"photo": "picture"})
 
 
@@ -189,7 +193,7 @@ def test_holdout_split_and_artifacts(tmp_path: Path, rows: list[dict[str, Any]])
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
     train = _dataset(path, seed=3, test_file=None)
     assert sorted(train.artifacts()) == ["series-motion.json", "tokenizer-caption.json"]
-    with pytest.raises(DataError, match="tokenizer-caption.json"):
+    with pytest.raises(DataError, match=r"tokenizer-caption\.json"):
         _dataset(path, seed=3, split="test", test_file=None)
     test = _dataset(path, seed=3, split="test", test_file=None, artifacts=train.artifacts())
     train_ids = {train[i].id for i in range(len(train))}
@@ -239,6 +243,9 @@ def test_bad_manifest_format_and_json(tmp_path: Path) -> None:
     (tmp_path / "m.txt").write_text("x\n")
     with pytest.raises(DataError, match="unknown format"):
         _dataset(tmp_path / "m.txt")
+    (tmp_path / "m.csv").write_text('caption,colour\n"a cat\non two lines",red\ndog,blue,extra\n')
+    with pytest.raises(DataError, match=r"data row 2 \(1-based.*more fields than the header's 2"):
+        _dataset(tmp_path / "m.csv")
     (tmp_path / "m.jsonl").write_text('{"caption": "a cat"}\n\n[1, 2]\n')
     with pytest.raises(DataError, match=r"data row 2 \(1-based"):
         _dataset(tmp_path / "m.jsonl", label_columns=[])

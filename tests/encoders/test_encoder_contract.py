@@ -37,7 +37,7 @@ CASES = [
     for name in available("encoder")
     for i, spec in enumerate(SPECS[lookup("encoder", name).kind])
 ]
-SEQ_CASES = [c for c in CASES if c.values[1].kind in SEQ_LEN]
+SEQ_CASES = [c for c in CASES if lookup("encoder", str(c.values[0])).kind in SEQ_LEN]
 
 
 def build(name: str, spec: ModalitySpec) -> Encoder:
@@ -138,6 +138,7 @@ def test_padded_sample_equals_the_sample_alone(name: str, spec: ModalitySpec) ->
     """Padding is invisible: a short sample inside a padded batch is encoded as if alone."""
     enc = build(name, spec).eval()
     x, padding = make_input(spec)
+    assert padding is not None
     with torch.no_grad():
         out = enc(x, padding)
         assert out.padding is not None
@@ -200,10 +201,8 @@ def test_audio_encoders_handle_short_inputs(name: str, t: int) -> None:
 def test_wrong_input_shape_raises_with_shape(name: str, spec: ModalitySpec) -> None:
     enc = build(name, spec)
     x, padding = make_input(spec)
-    if spec.kind in ("text", "vector"):
-        bad = x.float().unsqueeze(1)  # one axis too many
-    else:
-        bad = torch.cat([x, x[:, :1]], dim=1)  # one channel too many
+    # text/vector: one axis too many; others: one channel too many
+    bad = x.float().unsqueeze(1) if spec.kind in ("text", "vector") else torch.cat([x, x[:, :1]], dim=1)
     with pytest.raises(ValueError, match=r"\(4, "):
         enc(bad, padding)
 
@@ -213,6 +212,7 @@ def test_text_padding_defaults_to_pad_id(name: str) -> None:
     spec = SPECS["text"][0]
     enc = build(name, spec).eval()
     x, padding = make_input(spec)
+    assert padding is not None
     out = enc(x)
     assert out.padding is not None and torch.equal(out.padding, padding)
     torch.testing.assert_close(out.pooled, enc(x, padding).pooled)

@@ -32,7 +32,8 @@ def test_mlp_head_layers_and_hidden() -> None:
 
 def test_head_config_is_validated_from_hints() -> None:
     provided = frozenset({"in_dim", "out_dim"})
-    name, kwargs = check_component("head", {"name": "mlp", "hidden": "64", "layers": 3}, "model.head", provided)
+    recipe = {"name": "mlp", "hidden": "64", "layers": 3}
+    name, kwargs = check_component("head", recipe, "model.head", provided)
     assert name == "mlp" and kwargs == {"hidden": 64, "layers": 3}
     with pytest.raises(ConfigError, match=r"model\.head\.in_dim"):
         check_component("head", {"name": "mlp", "in_dim": 3}, "model.head", provided)

@@ -30,7 +30,7 @@ def loop_infonce(a: Tensor, b: Tensor, logit_scale: Tensor, ids: list[int] | Non
     for q, k in ((a, b), (b, a)):
         for i in range(n):
             terms = [s * (q[i] * k[j]).sum() for j in range(n) if j == i or ids[j] != ids[i]]
-            total = total + torch.log(sum(torch.exp(t) for t in terms)) - s * (q[i] * k[i]).sum()
+            total = total + torch.log(torch.stack(terms).exp().sum()) - s * (q[i] * k[i]).sum()
     return total / (2 * n)
 
 
@@ -80,14 +80,13 @@ def test_shared_ids_are_not_negatives() -> None:
     plain = infonce_loss(a, b, scale)
     shared = infonce_loss(a, b, scale, ids=torch.tensor([0, 0, 1, 2, 3, 4]))
     assert shared < plain  # removing negatives strictly lowers every affected cross-entropy
-    # only the rows/columns of ids 0 change: the loss differs by their terms alone
     torch.testing.assert_close(shared, loop_infonce(a, b, scale, [0, 0, 1, 2, 3, 4]))
 
 
 def test_perfect_alignment_gives_zero_loss() -> None:
     eye = torch.eye(8, dtype=torch.float64)
     loss = infonce_loss(eye, eye.clone(), torch.tensor(math.log(100.0), dtype=torch.float64))
-    assert loss.item() < 1e-30 + 8 * math.exp(-100)
+    assert 0.0 <= loss.item() < 1e-12
 
 
 def test_identical_embeddings_give_log_n() -> None:
@@ -176,7 +175,7 @@ def test_module_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="logit_scale"):
         InfoNCE(["image", "text"])(outputs, batch)
     outputs, batch = make_outputs(4)
-    with pytest.raises(ConfigError, match="'audio'.*allowed: image, text"):
+    with pytest.raises(ConfigError, match=r"'audio'.*allowed: image, text"):
         InfoNCE(["image", "audio"])(outputs, batch)
     with pytest.raises(ConfigError, match="two distinct"):
         InfoNCE(["image"])

@@ -94,7 +94,7 @@ class DatasetInfo:
         name: Registry name (``create("dataset", name, ...)``).
         description: One paragraph: what is paired with what.
         modalities: ``{modality name: kind}``.
-        splits: ``{split: number of samples}``.
+        splits: ``{split: number of samples}`` with the loader's default arguments.
         labels: Evaluation-only label names.
         files: Paths under the data root that the loader checks for.
         licence: Upstream origin and licence terms.
@@ -193,7 +193,8 @@ CATALOG: dict[str, DatasetInfo] = {
         description=(
             "Handwritten digit images (MNIST) paired with spoken digits (Free Spoken Digit "
             "Dataset) by class: a class-paired image/audio set for cross-modal retrieval and "
-            "zero-shot digit recognition."
+            "zero-shot digit recognition. Train: 5,000 MNIST training images with FSDD takes 5-49; "
+            "test: the 10,000 MNIST test images with FSDD takes 0-4."
         ),
         modalities={"audio": "audio", "image": "image"},
         splits={"train": 5000, "test": 10000},
@@ -214,12 +215,13 @@ CATALOG: dict[str, DatasetInfo] = {
     "emoji": DatasetInfo(
         name="emoji",
         description=(
-            "Twemoji 64x64 pictures paired with their CLDR names and keywords (emojibase), "
-            "an image/text set for retrieval and zero-shot category recognition."
+            "Twemoji 64x64 pictures paired with their CLDR names and keywords (emojibase): an "
+            "image/text set for retrieval and zero-shot category recognition; the test split is "
+            "a fixed choice of 400 base emoji (skin-tone variants follow their base)."
         ),
         modalities={"image": "image", "text": "text"},
-        splits={"train": 0, "test": 0},
-        labels=("category",),
+        splits={"train": 3081, "test": 400},
+        labels=("category", "group_id"),
         files=("emoji_twemoji/emoji.json", "emoji_twemoji/emojibase/en/data.json", "emoji_twemoji/img64"),
         licence=(
             "npm emoji-datasource-twitter 16.0.0 (data MIT, iamcal/emoji-data; Twemoji graphics "

@@ -73,11 +73,17 @@ def fetch(name: str, root: Path, mirror: str | None = None, progress: Progress |
             _check_integrity(source, url, digests)
             staged += _stage(source, url, archive, Path(tmp) / f"staged-{i}")
             archive.unlink(missing_ok=True)
-        for src, rel in staged:
-            dest = root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
+        for k, (src, rel) in enumerate(staged):
+            _install(src, root / rel, Path(tmp) / f"old-{k}")
     return [root / m.dest for s in info.sources for m in s.members]
+
+
+def _install(src: Path, dest: Path, trash: Path) -> None:
+    """Move a staged file or folder to ``dest``; a folder replaces the old one as a whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and dest.exists():
+        os.replace(dest, trash)  # removed with the temporary folder
+    os.replace(src, dest)
 
 
 def source_url(source: Source, mirror: str | None) -> str:
@@ -129,7 +135,7 @@ def _stage(source: Source, url: str, download: Path, staging: Path) -> list[tupl
     """Place the members of ``download`` under ``staging`` and verify them.
 
     Returns:
-        ``(staged file, destination relative to the root)`` pairs.
+        ``(staged file or folder, destination relative to the root)``, one pair per member.
     """
     staging.mkdir(parents=True)
     if source.kind == "file":
@@ -137,7 +143,6 @@ def _stage(source: Source, url: str, download: Path, staging: Path) -> list[tupl
         os.replace(download, target)
         return [(target, Path(source.members[0].dest))]
     found: list[dict[str, str]] = [{} for _ in source.members]
-    out: list[tuple[Path, Path]] = []
     try:
         for name, handle in _iter_archive(download, source.kind):
             j = next((j for j, m in enumerate(source.members) if _matches(name, m.pattern)), None)
@@ -149,11 +154,13 @@ def _stage(source: Source, url: str, download: Path, staging: Path) -> list[tupl
             target = staging / str(j) / base
             target.parent.mkdir(exist_ok=True)
             found[j][base] = _copy_hashed(handle, target)
-            out.append((target, Path(member.dest) / base if member.is_tree else Path(member.dest)))
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
         raise DataError(f"{url}: not a valid {source.kind} archive: {e}") from None
-    for member, files in zip(source.members, found, strict=True):
+    out: list[tuple[Path, Path]] = []
+    for j, (member, files) in enumerate(zip(source.members, found, strict=True)):
         _verify_member(member, url, files)
+        folder = staging / str(j)
+        out.append((folder if member.is_tree else folder / next(iter(files)), Path(member.dest)))
     return out
 
 

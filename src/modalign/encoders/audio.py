@@ -52,9 +52,9 @@ class AudioCNN(Encoder):
         self.in_channels = in_channels
         self.dim = dim
         chans = [1, *widths]
-        self.stages = nn.ModuleList(
-            nn.ModuleList([conv_bn_relu(chans[i], chans[i + 1]), conv_bn_relu(chans[i + 1], chans[i + 1])])
-            for i in range(len(widths))
+        # two conv-BN-ReLU layers per stage: layer 2i opens stage i
+        self.convs = nn.ModuleList(
+            conv_bn_relu(chans[i + j], chans[i + 1]) for i in range(len(widths)) for j in (0, 1)
         )
         self.to_tokens = nn.Linear(widths[-1], dim)
         self.pool_proj = nn.Linear(dim, dim)
@@ -63,13 +63,12 @@ class AudioCNN(Encoder):
         """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding."""
         check_sequence(x, padding, self.in_channels, "audio_cnn")
         h = zero_padded(x, padding).unsqueeze(1)
-        for i, stage in enumerate(self.stages):
-            if i > 0:
+        for j, conv in enumerate(self.convs):
+            if j > 0 and j % 2 == 0:
                 h = F.max_pool2d(h, 2, ceil_mode=True)
                 if padding is not None:
                     padding = downsample_padding(padding, h.shape[-1], stride=2)
-            for conv in stage:  # re-zero padded frames after every conv: zero padding semantics
-                h = zero_padded(conv(h), padding)
+            h = zero_padded(conv(h), padding)  # re-zero padded frames: zero-padding semantics
         tokens = self.to_tokens(h.mean(dim=2).transpose(1, 2))
         pooled = self.pool_proj(masked_mean(tokens, padding))
         return EncoderOutput(tokens=tokens, pooled=pooled, padding=padding)

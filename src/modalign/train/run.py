@@ -161,9 +161,9 @@ def write_plots(recipe: Recipe, test: EmbeddingSet, run_dir: Path) -> list[Path]
         sub = test.subset(both)
         sub_labels = sub.labels.get(recipe.eval.label) if recipe.eval.label else None
         written.append(plot_similarity_matrix(sub.embeddings[a], sub.embeddings[b], sub_labels,
-                                              folder / "similarity.png"))
+                                              folder / "similarity.png", names=(a, b)))
     written.append(plot_projection(test.embeddings, labels, folder / "projection.png",
-                                   method=recipe.eval.projection))
+                                   method=recipe.eval.projection, present=test.present))
     return written
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -98,8 +99,12 @@ def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read manifest {str(path)!r}: {e}") from None
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
         rows = [dict(r) for r in reader]
+        extra = next((i for i, r in enumerate(rows) if None in r), None)
+        if extra is not None:
+            raise DataError(f"manifest {str(path)!r}: data row {extra + 1} ({ROW_NOTE}) has more fields "
+                            f"than the header's {len(reader.fieldnames or [])} columns")
         return list(reader.fieldnames or []), rows
     if suffix not in (".jsonl", ".ndjson"):
         raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; "
@@ -246,9 +251,14 @@ def load_array(path: Path, kind: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], base: Path) -> dict[str, int]:
-    """Channels (series ``C``, vector ``D``) of each ``.npy`` column: those of its first readable value."""
+def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], manifest: Path) -> dict[str, int]:
+    """Channels (series ``C``, vector ``D``) of each ``.npy`` column: those of its first readable value.
+
+    Raises:
+        DataError: If a series or vector column of ``manifest`` has no readable value.
+    """
     ref: dict[str, int] = {}
+    base = manifest.parent
     for col, kind in kinds.items():
         if kind not in ("series", "vector"):
             continue
@@ -260,6 +270,8 @@ def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], base: 
                 break
             except (DataError, _BadValueError):
                 continue
+        if col not in ref:
+            raise DataError(f"manifest {str(manifest)!r}: column {col!r} ({kind}) has no readable .npy value")
     return ref
 
 
@@ -317,7 +329,7 @@ class ManifestDataset(MultimodalDataset):
         self.label_columns = list(label_columns or [])
         self.kinds = self._choose_kinds(train_columns, train_rows, modalities, id_column)
         self._require_columns(columns, [*self.kinds, *self.label_columns])
-        self._channels = reference_channels(self.kinds, train_rows, self.train_path.parent)
+        self._channels = reference_channels(self.kinds, train_rows, self.train_path)
         self._classes = {c: label_classes(train_rows, c) for c in self.label_columns}
         self._class_index = {c: {name: i for i, name in enumerate(names)}
                              for c, names in self._classes.items() if names is not None}
