@@ -14,6 +14,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.modules import Encoder
 from modalign.core.registry import register
 from modalign.core.types import EncoderOutput
+from modalign.encoders.series import SeriesConv
 from modalign.nn.layers import (
     PatchEmbed1d,
     SinusoidalPositions,
@@ -111,3 +112,23 @@ class AudioTransformer(Encoder):
         tokens, padding = self.embed(x, padding)
         tokens = self.transformer(self.positions(tokens), padding)
         return EncoderOutput(tokens=tokens, pooled=masked_mean(tokens, padding), padding=padding)
+
+
+@register("encoder", "audio_tdnn")
+class AudioTDNN(SeriesConv):
+    """1-D convolutions over time with the mel bins as channels (TDNN / x-vector style).
+
+    Follows Waibel et al. 1989 (time-delay neural networks) and Snyder et al. 2018
+    ("X-Vectors: Robust DNN Embeddings for Speaker Recognition"): conv1d-BN-ReLU layers over
+    frames, statistics pooling (masked mean and max) and a linear layer. Far cheaper on a CPU
+    than ``audio_cnn``'s 2-D convolutions at full spectrogram resolution. ``tokens`` are frames
+    ``[B, T, dim]``; ``pooled`` is ``[B, dim]``; ``padding`` is the input's.
+
+    Args:
+        in_channels: Mel bins (from the modality spec).
+        widths: Channels of each conv layer.
+        kernel: Odd kernel length in frames.
+        dim: Output width ``D``.
+    """
+
+    kind = "audio"

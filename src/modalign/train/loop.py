@@ -178,14 +178,15 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1.0)
         for batch in bar:
             out = self._step(batch.to(self.device))
-            total += float(out.loss)
+            loss = out.loss.detach().item()
+            total += loss
             count += batch.size
             self.state.step += 1
             rate = count / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{float(out.loss):.4f}", samples_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
             if self.state.step % self.cfg.log_every == 0:
                 log.write({"step": self.state.step, "epoch": epoch + count / len(self.dataset),
-                           "loss": float(out.loss), "lr": self.scheduler.get_last_lr()[0],
+                           "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                            "samples_per_s": rate, **out.metrics})
         bar.close()
         steps = max(1, count // self.cfg.batch_size)
@@ -195,7 +196,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             out = self.method.training_step(batch)
         if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {self.state.step}")
+            raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.cfg.grad_clip is not None:
