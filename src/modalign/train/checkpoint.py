@@ -13,12 +13,10 @@ replaced atomically afterwards. A crash mid-write therefore leaves the previous 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -35,18 +33,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states captured by ``rng_state``."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``module`` weights and trainer ``state`` as checkpoint ``tag``; keep the newest ``keep``.
 
@@ -58,8 +44,12 @@ def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str
     tmp = ckpt_dir / f".tmp-{tag}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(module, str(tmp / WEIGHTS))
-    torch.save({**state, "rng": rng_state()}, tmp / STATE)
+    try:
+        save_model(module, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

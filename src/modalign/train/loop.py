@@ -142,6 +142,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(epoch=state["epoch"], step=state["step"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
         return True
 
     def fit(self, resume: bool = True, max_epochs: int | None = None) -> TrainState:
@@ -163,6 +166,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         save_checkpoint(self.ckpt_dir, f"epoch-{self.state.epoch:04d}", self.method, state,
                         self.cfg.keep_checkpoints)
