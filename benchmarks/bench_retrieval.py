@@ -36,8 +36,14 @@ def _child(n: int, chunk: int, dim: int) -> dict[str, float]:
     c = class_match_metrics(a, b, labels, labels, chunk_size=size)
     seconds = time.perf_counter() - start
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"n": n, "chunk": size, "seconds": seconds, "peak_rss_increase_mib": peak_mib,
-            "R@1": r["R@1"], "p@1": c["p@1"]}
+    return {
+        "n": n,
+        "chunk": size,
+        "seconds": seconds,
+        "peak_rss_increase_mib": peak_mib,
+        "R@1": r["R@1"],
+        "p@1": c["p@1"],
+    }
 
 
 def main() -> None:
@@ -58,8 +64,10 @@ def main() -> None:
             rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     print(f"{'gallery':>8} {'chunk':>8} {'seconds':>8} {'peak MiB':>9} {'R@1':>6} {'p@1':>6}")
     for r in rows:
-        print(f"{r['n']:>8} {r['chunk']:>8} {r['seconds']:>8.2f} {r['peak_rss_increase_mib']:>9.0f}"
-              f" {r['R@1']:>6.3f} {r['p@1']:>6.3f}")
+        print(
+            f"{r['n']:>8} {r['chunk']:>8} {r['seconds']:>8.2f} {r['peak_rss_increase_mib']:>9.0f}"
+            f" {r['R@1']:>6.3f} {r['p@1']:>6.3f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

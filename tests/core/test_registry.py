@@ -1,7 +1,7 @@
 import pytest
 
-from modalign.core.errors import ConfigError, UnknownComponentError
 from modalign.core.config import apply_overrides, check_component, parse_override
+from modalign.core.errors import ConfigError, UnknownComponentError
 from modalign.core.registry import available, create, lookup, register
 
 
@@ -30,7 +30,8 @@ def test_unknown_kind():
 
 
 def test_check_component_validates_keys_and_types():
-    name, kwargs = check_component("head", {"name": "mlp", "hidden": "64"}, "model.head", frozenset({"in_dim", "out_dim"}))
+    provided = frozenset({"in_dim", "out_dim"})
+    name, kwargs = check_component("head", {"name": "mlp", "hidden": "64"}, "model.head", provided)
     assert name == "mlp" and kwargs == {"hidden": 64}
     with pytest.raises(ConfigError, match=r"model\.head\.hiden: unknown argument.*did you mean 'hidden'"):
         check_component("head", {"name": "mlp", "hiden": 64}, "model.head", frozenset({"in_dim", "out_dim"}))
@@ -50,7 +51,7 @@ def test_overrides():
     out = apply_overrides(tree, ["train.epochs=5", "model.encoders.image.name=image_vit"])
     assert out["train"]["epochs"] == 5 and tree["train"]["epochs"] == 3
     assert out["model"]["encoders"]["image"]["name"] == "image_vit"
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_override("train.epochs")
-    with pytest.raises(ConfigError, match="train.epochs: is a value"):
+    with pytest.raises(ConfigError, match=r"train\.epochs: is a value"):
         apply_overrides(tree, ["train.epochs.x=1"])

@@ -198,9 +198,7 @@ def test_emoji_split_sizes_and_no_group_leakage(emoji_train: EmojiDataset, emoji
     assert emoji_train.n_skipped == 0  # every Twemoji image has an English label
 
 
-def test_emoji_variants_follow_their_base(
-    data_root: Path, emoji_train: EmojiDataset, emoji_test: EmojiDataset
-) -> None:
+def test_emoji_variants_follow_their_base(data_root: Path, emoji_train: EmojiDataset, emoji_test: EmojiDataset) -> None:
     with_variants = EmojiDataset(
         root=data_root, split="test", artifacts=emoji_train.artifacts(), test_variants=True, seed=123
     )

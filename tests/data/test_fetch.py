@@ -75,13 +75,19 @@ def test_catalog_checksums_match_the_shared_copies(data_root: Path, name: str) -
 
 def test_fetch_basicmotions_from_a_mirror(data_root: Path, tmp_path: Path) -> None:
     _need(data_root, *CATALOG["basicmotions"].files)
-    ts = {f"BasicMotions/BasicMotions_{s}.ts": (data_root / f"basicmotions/BasicMotions_{s}.ts").read_bytes()
-          for s in ("TRAIN", "TEST")}
+    ts = {
+        f"BasicMotions/BasicMotions_{s}.ts": (data_root / f"basicmotions/BasicMotions_{s}.ts").read_bytes()
+        for s in ("TRAIN", "TEST")
+    }
     junk = {"__MACOSX/BasicMotions/._BasicMotions_TRAIN.ts": b"resource fork", "BasicMotions/README": b"x"}
     _zip(tmp_path / "mirror" / "BasicMotions.zip", {**ts, **junk})
     root, calls = tmp_path / "root", []
-    out = fetch("basicmotions", root, mirror=(tmp_path / "mirror").as_uri(),
-                progress=lambda done, total: calls.append((done, total)))
+    out = fetch(
+        "basicmotions",
+        root,
+        mirror=(tmp_path / "mirror").as_uri(),
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert out == [root / f for f in CATALOG["basicmotions"].files]
     for f in CATALOG["basicmotions"].files:
         assert (root / f).read_bytes() == (data_root / f).read_bytes()
@@ -100,8 +106,10 @@ def test_fetch_av_digits_with_fsdd_archive(data_root: Path, tmp_path: Path) -> N
         _mirror_file(mirror, data_root, rel)
     top = FSDD_ZIP.removesuffix(".zip")
     wavs = sorted((data_root / "fsdd" / "recordings").glob("*.wav"))
-    _zip(mirror / FSDD_ZIP, {f"{top}/README.md": b"readme",
-                             **{f"{top}/recordings/{p.name}": p.read_bytes() for p in wavs}})
+    _zip(
+        mirror / FSDD_ZIP,
+        {f"{top}/README.md": b"readme", **{f"{top}/recordings/{p.name}": p.read_bytes() for p in wavs}},
+    )
     root = tmp_path / "root"
     fetch("av-digits", root, mirror=str(mirror))  # a plain folder works as a mirror too
     for rel in info.files[:3]:
@@ -115,8 +123,12 @@ def test_fetch_av_digits_with_fsdd_archive(data_root: Path, tmp_path: Path) -> N
 
 
 def test_catalog_files_are_what_the_loaders_check() -> None:
-    assert set(CATALOG["av-digits"].files) == {av_digits.TRAIN_IMAGES, av_digits.TEST_IMAGES,
-                                               av_digits.TEST_LABELS, av_digits.RECORDINGS}
+    assert set(CATALOG["av-digits"].files) == {
+        av_digits.TRAIN_IMAGES,
+        av_digits.TEST_IMAGES,
+        av_digits.TEST_LABELS,
+        av_digits.RECORDINGS,
+    }
     assert set(CATALOG["basicmotions"].files) == set(basicmotions.FILES.values())
     assert set(CATALOG["emoji"].files) == {emoji.EMOJI_JSON, emoji.LABELS_JSON, emoji.IMAGES}
     for name, info in CATALOG.items():
@@ -149,12 +161,26 @@ def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, bytes]:
     meta = b'{"hello": 1}'
     integrity = _tgz(tmp_path / "mirror" / "pkg.tgz", {"package/meta.json": meta, "package/other.txt": b"z"})
     sources = (
-        Source("https://example.invalid/rec.zip", "rec.zip", "zip", (Member(
-            "recordings/*.wav", "tiny/recordings", count=5,
-            tree_sha256=tree_digest((n, hashlib.sha256(b).hexdigest()) for n, b in files.items())),)),
-        Source("https://example.invalid/pkg.tgz", "pkg.tgz", "tgz", (
-            Member("package/meta.json", "tiny/meta.json", sha256=hashlib.sha256(meta).hexdigest()),),
-            integrity=integrity),
+        Source(
+            "https://example.invalid/rec.zip",
+            "rec.zip",
+            "zip",
+            (
+                Member(
+                    "recordings/*.wav",
+                    "tiny/recordings",
+                    count=5,
+                    tree_sha256=tree_digest((n, hashlib.sha256(b).hexdigest()) for n, b in files.items()),
+                ),
+            ),
+        ),
+        Source(
+            "https://example.invalid/pkg.tgz",
+            "pkg.tgz",
+            "tgz",
+            (Member("package/meta.json", "tiny/meta.json", sha256=hashlib.sha256(meta).hexdigest()),),
+            integrity=integrity,
+        ),
     )
     info = DatasetInfo("tiny", "test", {}, {}, (), ("tiny/recordings", "tiny/meta.json"), "-", sources)
     monkeypatch.setitem(catalog.CATALOG, "tiny", info)
@@ -166,8 +192,12 @@ def test_tiny_fetch_installs_and_skips_when_installed(tiny: dict[str, bytes], tm
     out = fetch("tiny", root, mirror=str(tmp_path / "mirror"))
     assert out == [root / "tiny/recordings", root / "tiny/meta.json"]
     assert {p.name: p.read_bytes() for p in (root / "tiny/recordings").iterdir()} == tiny
-    assert _listing(root) == ["tiny", "tiny/meta.json", "tiny/recordings",
-                              *sorted(f"tiny/recordings/{n}" for n in tiny)]
+    assert _listing(root) == [
+        "tiny",
+        "tiny/meta.json",
+        "tiny/recordings",
+        *sorted(f"tiny/recordings/{n}" for n in tiny),
+    ]
     fetch("tiny", root, mirror=str(tmp_path / "nowhere"))  # verified install: nothing downloaded
     (root / "tiny/recordings/stale.wav").write_bytes(b"old")
     fetch("tiny", root, mirror=str(tmp_path / "mirror"))  # a folder is replaced as a whole

@@ -20,10 +20,28 @@ from modalign.core.registry import create
 from modalign.data.collate import collate
 from modalign.data.datasets.manifest import ManifestDataset, holdout_split, stable_id
 
-SMALL = {"image_size": 16, "sample_rate": 8000, "n_mels": 16, "n_fft": 256, "hop_length": 80,
-         "max_seconds": 0.5, "vocab_size": 60, "max_tokens": 8}
-CAPTIONS = ["a red square", "a green square", "a blue circle", "a red circle", "a big green square",
-            "a tiny blue dot", "two red squares", "a green circle", "a blue square", "one red dot"]
+SMALL = {
+    "image_size": 16,
+    "sample_rate": 8000,
+    "n_mels": 16,
+    "n_fft": 256,
+    "hop_length": 80,
+    "max_seconds": 0.5,
+    "vocab_size": 60,
+    "max_tokens": 8,
+}
+CAPTIONS = [
+    "a red square",
+    "a green square",
+    "a blue circle",
+    "a red circle",
+    "a big green square",
+    "a tiny blue dot",
+    "two red squares",
+    "a green circle",
+    "a blue square",
+    "one red dot",
+]
 
 
 def _write_assets(folder: Path, n: int) -> list[dict[str, Any]]:
@@ -40,9 +58,17 @@ def _write_assets(folder: Path, n: int) -> list[dict[str, Any]]:
         sf.write(folder / "wav" / f"{i}.wav", wave, 8000)
         np.save(folder / "npy" / f"s{i}.npy", rng.normal(size=(3, 20 + i)).astype(np.float32))
         np.save(folder / "npy" / f"v{i}.npy", rng.normal(size=5))
-        rows.append({"id": f"item-{i}", "photo": f"img/{i}.png", "sound": f"wav/{i}.wav",
-                     "caption": CAPTIONS[i % len(CAPTIONS)], "motion": f"npy/s{i}.npy",
-                     "feat": f"npy/v{i}.npy", "colour": ["red", "green", "blue"][i % 3]})
+        rows.append(
+            {
+                "id": f"item-{i}",
+                "photo": f"img/{i}.png",
+                "sound": f"wav/{i}.wav",
+                "caption": CAPTIONS[i % len(CAPTIONS)],
+                "motion": f"npy/s{i}.npy",
+                "feat": f"npy/v{i}.npy",
+                "colour": ["red", "green", "blue"][i % 3],
+            }
+        )
     return rows
 
 
@@ -149,8 +175,9 @@ def test_npy_rank_and_channels_are_checked(tmp_path: Path, rows: list[dict[str, 
     assert ds.n_skipped == 2 and "data row 7" in ds.skipped[1] and "rank 1" in ds.skipped[1]
 
 
-def test_skip_bad_skips_and_counts(tmp_path: Path, rows: list[dict[str, Any]],
-                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_bad_skips_and_counts(
+    tmp_path: Path, rows: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
     rows[2]["sound"] = "wav/nope.wav"
     (tmp_path / "img" / "5.png").write_bytes(b"not a png at all")
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
@@ -182,8 +209,9 @@ def test_unknown_modality_column_lists_the_header(tmp_path: Path, rows: list[dic
 
 
 def test_explicit_modalities_select_columns(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
-    ds = _dataset(_write_csv(tmp_path / "m.csv", rows), modalities={"photo": "image", "caption": "text"},
-                  image_channels=1)
+    ds = _dataset(
+        _write_csv(tmp_path / "m.csv", rows), modalities={"photo": "image", "caption": "text"}, image_channels=1
+    )
     assert ds.kinds == {"caption": "text", "photo": "image"}
     assert set(ds[0].values) == {"caption", "photo"} and ds[0].values["photo"].shape == (1, 16, 16)
 
@@ -201,8 +229,9 @@ def test_holdout_split_and_artifacts(tmp_path: Path, rows: list[dict[str, Any]])
     assert len(test) == 2 and len(train) == 18 and not train_ids & test_ids
     assert train_ids | test_ids == set(range(20))
     assert test.tokenizers["caption"].to_json() == train.tokenizers["caption"].to_json()
-    assert torch.equal(test[0].values["caption"], train.tokenizers["caption"].encode(
-        rows[test.row_number(0) - 1]["caption"], 8))
+    assert torch.equal(
+        test[0].values["caption"], train.tokenizers["caption"].encode(rows[test.row_number(0) - 1]["caption"], 8)
+    )
     assert np.array_equal(holdout_split(20, 3)[1], holdout_split(20, 3)[1])
     other = _dataset(path, seed=4, split="test", test_file=None, artifacts=train.artifacts())
     assert {other[i].id for i in range(len(other))} != test_ids
@@ -218,8 +247,9 @@ def test_ids_and_unseen_test_labels(tmp_path: Path, rows: list[dict[str, Any]]) 
     assert test[1].id == 42 and test[2].id == test[0].id == train[0].id  # equal ids, same content
 
 
-def test_relative_paths_resolve_against_root(tmp_path: Path, rows: list[dict[str, Any]],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_root(
+    tmp_path: Path, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _write_jsonl(tmp_path / "m.jsonl", rows)
     assert len(_dataset(Path("m.jsonl"), root=str(tmp_path), test_file=None)) == 9
     monkeypatch.chdir(tmp_path)
@@ -230,8 +260,11 @@ def test_relative_paths_resolve_against_root(tmp_path: Path, rows: list[dict[str
 
 def test_registry_and_config_validation(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
-    name, kwargs = check_component("dataset", {"name": "manifest", "train_file": str(path),
-                                               "modalities": {"photo": "image"}, "image_size": "16"}, "data")
+    name, kwargs = check_component(
+        "dataset",
+        {"name": "manifest", "train_file": str(path), "modalities": {"photo": "image"}, "image_size": "16"},
+        "data",
+    )
     assert kwargs["image_size"] == 16
     ds = create("dataset", name, **kwargs)
     assert isinstance(ds, ManifestDataset) and ds.kinds == {"photo": "image"}

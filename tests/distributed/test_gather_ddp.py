@@ -65,8 +65,9 @@ def run_loss(kind: str, a: Tensor, b: Tensor, ids: Tensor, gather: bool) -> dict
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+    )
     try:
         assert mdist.is_initialized() and mdist.rank() == rank and mdist.world_size() == WORLD
         a, b, _, _ = global_batch()

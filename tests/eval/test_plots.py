@@ -28,8 +28,7 @@ def test_backend_is_agg() -> None:
 
 def test_loss_curve(tmp_path: Path) -> None:
     records: list[dict[str, float]] = [
-        {"step": s, "epoch": s // 40, "loss": 3.0 * np.exp(-s / 50) + 0.1 * np.sin(s), "lr": 1e-3}
-        for s in range(120)
+        {"step": s, "epoch": s // 40, "loss": 3.0 * np.exp(-s / 50) + 0.1 * np.sin(s), "lr": 1e-3} for s in range(120)
     ]
     records.insert(60, {"step": 60, "eval/R@1": 0.4})  # an eval record without "loss" is skipped
     out = plot_loss_curve(records, tmp_path / "sub" / "loss.png", keys=("loss", "lr"))

@@ -48,9 +48,7 @@ def expected_keys(label: bool, train: bool, probe: bool = True) -> set[str]:
     keys.add("image|text/modality_gap")
     if label:
         keys |= {
-            f"{a}->{b}/{m}"
-            for a, b in (("image", "text"), ("text", "image"))
-            for m in ("p@1", "mAP", "zero_shot")
+            f"{a}->{b}/{m}" for a, b in (("image", "text"), ("text", "image")) for m in ("p@1", "mAP", "zero_shot")
         }
     if label and train:
         keys |= {f"{m}/knn" for m in ("image", "text")}
@@ -255,8 +253,6 @@ def test_embed_loader_errors() -> None:
 
     bad = Bad()
     bad.train()
-    with pytest.raises(
-        EvalInputError, match=r"embedder returned \(5, 4\) for modality 'x'; expected \[4, E\]"
-    ):
+    with pytest.raises(EvalInputError, match=r"embedder returned \(5, 4\) for modality 'x'; expected \[4, E\]"):
         embed_loader(bad, [make_batch(0, 4, True)])
     assert bad.training  # restored even on error

@@ -46,9 +46,7 @@ def noisy_pairs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_retrieval_matches_brute_force(
-    noisy_pairs: tuple[torch.Tensor, torch.Tensor], chunk_size: int
-) -> None:
+def test_retrieval_matches_brute_force(noisy_pairs: tuple[torch.Tensor, torch.Tensor], chunk_size: int) -> None:
     query, gallery = noisy_pairs
     ids = np.arange(len(query))
     expected = reference_metrics(reference_ranks(query.numpy(), gallery.numpy(), ids, ids))

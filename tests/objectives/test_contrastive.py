@@ -136,8 +136,10 @@ def make_outputs(n: int, scale: float | None = 2.0) -> tuple[Outputs, Batch]:
 
 def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
     outputs, batch = make_outputs(6)
-    batch.present = {"image": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool),
-                     "text": torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool)}
+    batch.present = {
+        "image": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool),
+        "text": torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool),
+    }
     batch.ids = torch.tensor([0, 1, 2, 1, 4, 5])
     obj = create("objective", "infonce", modalities=["image", "text"])
     assert isinstance(obj, InfoNCE)
@@ -154,8 +156,10 @@ def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
 
 def test_module_accuracy_is_one_for_aligned_embeddings() -> None:
     eye = torch.eye(5)
-    out = InfoNCE(["a", "b"])(Outputs(embeddings={"a": eye, "b": eye}, logit_scale=torch.tensor(1.0)),
-                              Batch(data={}, present={}, ids=torch.arange(5)))
+    out = InfoNCE(["a", "b"])(
+        Outputs(embeddings={"a": eye, "b": eye}, logit_scale=torch.tensor(1.0)),
+        Batch(data={}, present={}, ids=torch.arange(5)),
+    )
     assert out.metrics["acc_a2b"] == 1.0 and out.metrics["acc_b2a"] == 1.0
 
 

@@ -86,8 +86,9 @@ def test_shared_ids_are_positives() -> None:
 
 def test_perfect_alignment_gives_zero_loss() -> None:
     eye = torch.eye(8, dtype=torch.float64)
-    loss = sigmoid_loss(eye, eye.clone(), torch.tensor(math.log(100.0), dtype=torch.float64),
-                        torch.tensor(-50.0, dtype=torch.float64))
+    loss = sigmoid_loss(
+        eye, eye.clone(), torch.tensor(math.log(100.0), dtype=torch.float64), torch.tensor(-50.0, dtype=torch.float64)
+    )
     assert 0.0 <= loss.item() < 1e-18
 
 
@@ -123,8 +124,9 @@ def test_bad_inputs_raise(a: Tensor, b: Tensor, bias: Tensor, match: str) -> Non
 
 def make_outputs(n: int, bias: float | None = -3.0) -> tuple[Outputs, Batch]:
     emb = {"audio": normed(n, 4, 11, torch.float32).requires_grad_(), "text": normed(n, 4, 12, torch.float32)}
-    outputs = Outputs(embeddings=emb, logit_scale=torch.tensor(1.0),
-                      logit_bias=torch.tensor(bias) if bias is not None else None)
+    outputs = Outputs(
+        embeddings=emb, logit_scale=torch.tensor(1.0), logit_bias=torch.tensor(bias) if bias is not None else None
+    )
     return outputs, Batch(data={}, present={}, ids=torch.arange(n))
 
 
@@ -136,8 +138,13 @@ def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
     out = obj(outputs, batch)
     keep = torch.tensor([0, 2, 3, 4])
     assert outputs.logit_scale is not None and outputs.logit_bias is not None
-    want = sigmoid_loss(outputs.embeddings["audio"][keep], outputs.embeddings["text"][keep],
-                        outputs.logit_scale, outputs.logit_bias, batch.ids[keep])
+    want = sigmoid_loss(
+        outputs.embeddings["audio"][keep],
+        outputs.embeddings["text"][keep],
+        outputs.logit_scale,
+        outputs.logit_bias,
+        batch.ids[keep],
+    )
     torch.testing.assert_close(out.loss, want)
     assert out.parts == {"sigmoid": out.loss}
     assert out.metrics["temperature"] == pytest.approx(math.exp(-1.0))

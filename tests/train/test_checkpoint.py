@@ -29,7 +29,8 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, "epoch-0001", _module(1.0), {"epoch": 1})
 
     def exploding_save(obj, path):
-        open(path, "wb").write(b"partial")
+        with open(path, "wb") as f:
+            f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", exploding_save)

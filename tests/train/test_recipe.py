@@ -1,9 +1,8 @@
 import pytest
+import yaml
 
 from modalign.core.errors import ConfigError
 from modalign.train.recipe import dump_recipe, load_recipe, packaged_recipes, validate_recipe
-
-import yaml
 
 
 @pytest.mark.parametrize("name", sorted(packaged_recipes()))
@@ -19,12 +18,15 @@ def test_packaged_recipes_validate_and_round_trip(name):
         ("train.epoch=3", r"train\.epoch: unknown key \(did you mean 'epochs'\?\); allowed: .*batch_size"),
         ("train.epochs=many", r"train\.epochs: .*valid integer"),
         ("train.precision=fp8", r"train\.precision: .*allowed: fp32, bf16"),
-        ("model.encoders.image.name=image_cnm", r"model\.encoders\.image\.name: unknown encoder 'image_cnm' \(did you mean 'image_cnn'"),
+        (
+            "model.encoders.image.name=image_cnm",
+            r"model\.encoders\.image\.name: unknown encoder 'image_cnm' \(did you mean 'image_cnn'",
+        ),
         ("model.encoders.image.widths=wide", r"model\.encoders\.image\.widths: invalid value 'wide'"),
         ("model.encoders.image.in_channels=3", r"model\.encoders\.image\.in_channels: unknown argument"),
         ("data.name=av-digit", r"data\.name: unknown dataset 'av-digit' \(did you mean 'av-digits'"),
         ("method.name=clap", r"method\.name: unknown method 'clap' \(did you mean 'clip'"),
-        ("method.temprature=0.1", r"method\.temprature: unknown argument of method 'clip' \(did you mean 'temperature'"),
+        ("method.temprature=0.1", r"method\.temprature: unknown argument of method 'clip' \(did you mean 'temp"),
         ("model.frozen=[video]", r"model\.frozen: no encoder for \['video'\]"),
         ("eval.unknown=1", r"eval\.unknown: unknown key"),
     ],

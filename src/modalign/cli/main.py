@@ -91,8 +91,9 @@ def evaluate(
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
     out: Annotated[Path, typer.Option("--out", help="Output .npz (embeddings/<m>, present/<m>, ids, labels/<l>).")],
-    data: Annotated[str, typer.Option("--data", help="Split of the run's dataset (train|test) or a manifest file.")]
-    = "test",
+    data: Annotated[
+        str, typer.Option("--data", help="Split of the run's dataset (train|test) or a manifest file.")
+    ] = "test",
     data_root: DataRootOpt = None,
 ) -> None:
     """Embed a dataset split, or a manifest file, with a trained run."""
@@ -146,8 +147,9 @@ def datasets(ctx: typer.Context) -> None:
 def fetch(
     name: Annotated[str, typer.Argument(help="Dataset name (see `modalign datasets`).")],
     root: Annotated[Path, typer.Option("--root", help="Data root to install into.")] = Path("data"),
-    mirror: Annotated[str | None, typer.Option(help="Base URL replacing the upstream (e.g. file:///mnt/mirror).")]
-    = None,
+    mirror: Annotated[
+        str | None, typer.Option(help="Base URL replacing the upstream (e.g. file:///mnt/mirror).")
+    ] = None,
 ) -> None:
     """Download a built-in dataset and verify its checksums."""
     from modalign.data.fetch import fetch as fetch_dataset

@@ -1,5 +1,8 @@
-"""Contracts (``Batch``, ``EncoderOutput``, ``Outputs``, ``LossOutput``, ``Embedder``), component
-bases and registries. Imports nothing else from modalign."""
+"""Contracts, component bases and registries.
+
+``Batch``, ``EncoderOutput``, ``Outputs``, ``LossOutput``, ``Embedder``; imports nothing else from
+modalign.
+"""
 
 from modalign.core.errors import (
     ConfigError,

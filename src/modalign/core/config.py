@@ -8,6 +8,7 @@ keys/values and a close-match suggestion.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import typing
@@ -35,8 +36,9 @@ def _type_hints(factory: Any) -> dict[str, Any]:
         return {}
 
 
-def check_component(kind: str, spec: Any, path: str, provided: frozenset[str] = frozenset()
-                    ) -> tuple[str, dict[str, Any]]:
+def check_component(
+    kind: str, spec: Any, path: str, provided: frozenset[str] = frozenset()
+) -> tuple[str, dict[str, Any]]:
     """Validate a component mapping and return ``(name, kwargs)`` with values coerced.
 
     Args:
@@ -102,16 +104,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(text, "an override needs a key before '='")
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``tree`` with ``key.path=value`` overrides applied (new keys allowed;
-    schema validation afterwards rejects unknown ones with their path)."""
+    """Return a copy of ``tree`` with ``key.path=value`` overrides applied.
+
+    New keys are allowed here; schema validation afterwards rejects unknown ones with their path.
+    """
     import copy
 
     out = copy.deepcopy(tree)

@@ -15,8 +15,9 @@ class ConfigError(ModalignError, ValueError):
         allowed: Allowed values or keys, when there is a finite set.
     """
 
-    def __init__(self, path: str, message: str, allowed: list[str] | None = None,
-                 suggestions: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str, message: str, allowed: list[str] | None = None, suggestions: list[str] | None = None
+    ) -> None:
         self.path = path
         self.allowed = allowed or []
         self.suggestions = suggestions or []

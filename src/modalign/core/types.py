@@ -209,4 +209,3 @@ class Embedder(Protocol):
         Only modalities both in ``self.modalities`` and in ``batch.data`` are returned.
         """
         ...
-

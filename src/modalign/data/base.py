@@ -49,7 +49,7 @@ class MultimodalDataset(Dataset[Sample], ABC):
     def __getitem__(self, index: int) -> Sample:
         """Return the transformed sample at ``index``."""
 
-    def set_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook, default no-op
+    def set_epoch(self, epoch: int) -> None:
         """Re-seed per-epoch randomness (re-pairing, augmentation). Default: nothing."""
 
     def artifacts(self) -> dict[str, str]:

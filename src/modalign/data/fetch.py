@@ -110,8 +110,10 @@ def _download(url: str, dest: Path, progress: Progress | None) -> dict[str, str]
                     progress(done, total)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DataError(f"cannot download {url}: {reason}; to install offline, put the file in a "
-                        "folder and pass mirror=file:///that/folder") from None
+        raise DataError(
+            f"cannot download {url}: {reason}; to install offline, put the file in a "
+            "folder and pass mirror=file:///that/folder"
+        ) from None
     return {"sha256": sha256.hexdigest(), "sha512": base64.b64encode(sha512.digest()).decode("ascii")}
 
 
@@ -120,8 +122,7 @@ def _check_integrity(source: Source, url: str, digests: dict[str, str]) -> None:
     if source.integrity is not None:
         actual = f"sha512-{digests['sha512']}"
         if actual != source.integrity:
-            raise DataError(f"checksum mismatch for {url}: expected integrity {source.integrity}, "
-                            f"got {actual}")
+            raise DataError(f"checksum mismatch for {url}: expected integrity {source.integrity}, got {actual}")
     if source.kind == "file":
         _check_sha256(url, source.members[0].sha256, digests["sha256"])
 
@@ -174,8 +175,7 @@ def _verify_member(member: Member, url: str, files: dict[str, str]) -> None:
         return
     if member.count is not None and len(files) != member.count:
         raise DataError(f"{what}: expected {member.count} files, found {len(files)}")
-    _check_sha256(f"{what} (tree digest of {len(files)} files)", member.tree_sha256,
-                  tree_digest(files.items()))
+    _check_sha256(f"{what} (tree digest of {len(files)} files)", member.tree_sha256, tree_digest(files.items()))
 
 
 def _iter_archive(path: Path, kind: str) -> Iterator[tuple[str, IO[bytes]]]:

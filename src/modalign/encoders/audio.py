@@ -54,9 +54,7 @@ class AudioCNN(Encoder):
         self.dim = dim
         chans = [1, *widths]
         # two conv-BN-ReLU layers per stage: layer 2i opens stage i
-        self.convs = nn.ModuleList(
-            conv_bn_relu(chans[i + j], chans[i + 1]) for i in range(len(widths)) for j in (0, 1)
-        )
+        self.convs = nn.ModuleList(conv_bn_relu(chans[i + j], chans[i + 1]) for i in range(len(widths)) for j in (0, 1))
         self.to_tokens = nn.Linear(widths[-1], dim)
         self.pool_proj = nn.Linear(dim, dim)
 
@@ -97,8 +95,16 @@ class AudioTransformer(Encoder):
 
     kind = "audio"
 
-    def __init__(self, in_channels: int, patch: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        patch: int = 4,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.dim = dim

@@ -86,8 +86,17 @@ class ImageViT(Encoder):
 
     kind = "image"
 
-    def __init__(self, in_channels: int, image_size: int, patch: int = 4, dim: int = 128, depth: int = 4,
-                 heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        patch: int = 4,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if image_size % patch != 0:
             raise ConfigError("patch", f"patch={patch} must divide image_size={image_size}")

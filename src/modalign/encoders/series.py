@@ -43,8 +43,9 @@ class SeriesConv(Encoder):
 
     kind = "series"
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...] = (64, 128, 128), kernel: int = 5,
-                 dim: int = 128) -> None:
+    def __init__(
+        self, in_channels: int, widths: tuple[int, ...] = (64, 128, 128), kernel: int = 5, dim: int = 128
+    ) -> None:
         super().__init__()
         if not widths:
             raise ConfigError("widths", "series_conv needs at least one layer")
@@ -92,8 +93,16 @@ class SeriesTransformer(Encoder):
 
     kind = "series"
 
-    def __init__(self, in_channels: int, dim: int = 128, depth: int = 2, heads: int = 4, kernel: int = 5,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        kernel: int = 5,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if kernel % 2 == 0:
             raise ConfigError("kernel", f"series_transformer needs an odd kernel, got {kernel}")

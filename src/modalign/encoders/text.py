@@ -22,9 +22,7 @@ def _text_padding(x: Tensor, padding: Tensor | None, vocab_size: int, name: str)
     if x.dim() != 2 or x.is_floating_point():
         raise ValueError(f"{name} expects token ids LongTensor[B, T], got {x.dtype} {tuple(x.shape)}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
-        raise ValueError(
-            f"{name}: token ids must lie in [0, {vocab_size}), got range [{int(x.min())}, {int(x.max())}]"
-        )
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{int(x.min())}, {int(x.max())}]")
     if padding is None:
         return x == 0
     if padding.shape != x.shape:
@@ -68,8 +66,17 @@ class TextTransformer(_TextEncoder):
         dropout: Dropout in attention and MLP.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, heads: int = 4, max_len: int = 64,
-                 pool: Literal["mean", "cls"] = "mean", mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        max_len: int = 64,
+        pool: Literal["mean", "cls"] = "mean",
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if pool not in ("mean", "cls"):
             raise ConfigError("pool", f"invalid value {pool!r}", ["mean", "cls"])

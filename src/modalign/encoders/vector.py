@@ -28,8 +28,9 @@ class VectorMLP(Encoder):
 
     kind = "vector"
 
-    def __init__(self, in_channels: int, dim: int = 128, hidden: int = 256, layers: int = 2,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, dim: int = 128, hidden: int = 256, layers: int = 2, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.dim = dim

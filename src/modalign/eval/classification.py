@@ -126,9 +126,7 @@ def linear_probe_accuracy(
     return float(np.mean(pred == test_y.cpu().numpy()))
 
 
-def knn_predict(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 10, chunk_size: int = 1024
-) -> Tensor:
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 10, chunk_size: int = 1024) -> Tensor:
     """Majority vote of the ``k`` most cosine-similar training rows of each test row.
 
     Vote ties are broken by the larger summed similarity of the tied classes, then by the

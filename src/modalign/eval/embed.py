@@ -112,9 +112,7 @@ class EmbeddingSet:
             )
         for m, e in self.embeddings.items():
             if e.ndim != 2 or e.shape[0] != n:
-                raise EvalInputError(
-                    f"EmbeddingSet.embeddings[{m!r}]: shape {tuple(e.shape)}, expected [{n}, E]"
-                )
+                raise EvalInputError(f"EmbeddingSet.embeddings[{m!r}]: shape {tuple(e.shape)}, expected [{n}, E]")
             if self.present[m].shape != (n,) or self.present[m].dtype != torch.bool:
                 raise EvalInputError(f"EmbeddingSet.present[{m!r}]: expected a BoolTensor[{n}]")
         for k, v in self.labels.items():
@@ -136,8 +134,7 @@ class EmbeddingSet:
         """
         if mask.dtype != torch.bool or mask.shape != (len(self),):
             raise EvalInputError(
-                f"EmbeddingSet.subset: mask must be a BoolTensor[{len(self)}], "
-                f"got {mask.dtype} {tuple(mask.shape)}"
+                f"EmbeddingSet.subset: mask must be a BoolTensor[{len(self)}], got {mask.dtype} {tuple(mask.shape)}"
             )
         mask = mask.to(self.ids.device)
         return EmbeddingSet(
@@ -168,9 +165,7 @@ def _assemble(
     for out in per_batch:
         for m, e in out.items():
             if widths.setdefault(m, int(e.shape[1])) != e.shape[1]:
-                raise EvalInputError(
-                    f"embedder returned width {widths[m]} then {e.shape[1]} for modality {m!r}"
-                )
+                raise EvalInputError(f"embedder returned width {widths[m]} then {e.shape[1]} for modality {m!r}")
     label_names = sorted({k for b in batches for k in b.labels})
     emb: dict[str, list[Tensor]] = {m: [] for m in widths}
     pres: dict[str, list[Tensor]] = {m: [] for m in widths}
@@ -189,9 +184,7 @@ def _assemble(
     )
 
 
-def embed_loader(
-    embedder: Embedder, batches: Iterable[Batch], device: torch.device | str = "cpu"
-) -> EmbeddingSet:
+def embed_loader(embedder: Embedder, batches: Iterable[Batch], device: torch.device | str = "cpu") -> EmbeddingSet:
     """Embed every batch of a loader and collect the result on the CPU as float32.
 
     Runs under ``torch.no_grad()``. If the embedder has ``eval()`` it is switched to eval mode and

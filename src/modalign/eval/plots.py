@@ -64,9 +64,7 @@ def _epoch_starts(records: Sequence[dict[str, Any]]) -> list[float]:
     return [step for (step, ep), (_, prev) in zip(marks[1:], marks[:-1], strict=True) if ep != prev]
 
 
-def plot_loss_curve(
-    records: Sequence[dict[str, Any]], out: str | Path, keys: Sequence[str] = ("loss",)
-) -> Path:
+def plot_loss_curve(records: Sequence[dict[str, Any]], out: str | Path, keys: Sequence[str] = ("loss",)) -> Path:
     """Plot training curves from ``metrics.jsonl``-style records.
 
     Each key is drawn raw (faint) and smoothed by a trailing moving average over about a tenth
@@ -175,9 +173,7 @@ def _check_present(present: dict[str, Tensor] | None, names: list[str], n: int) 
     for m in names:
         mask = None if present is None else present.get(m)
         if mask is not None and (mask.dtype != torch.bool or mask.shape != (n,)):
-            raise EvalInputError(
-                f"present[{m!r}]: expected a BoolTensor[{n}], got {mask.dtype} {tuple(mask.shape)}"
-            )
+            raise EvalInputError(f"present[{m!r}]: expected a BoolTensor[{n}], got {mask.dtype} {tuple(mask.shape)}")
         masks[m] = torch.ones(n, dtype=torch.bool) if mask is None else mask.cpu()
     return masks
 

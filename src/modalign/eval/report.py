@@ -202,9 +202,7 @@ def _render_block(rows: list[str], columns: list[str], groups: dict[str, dict[st
     cells = [["", *columns]] + [[r or "(all)", *(f"{groups[r][c]:.4f}" for c in columns)] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns) + 1)]
     lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
         for line in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalign.core.modules import Encoder, Fusion
@@ -68,18 +68,12 @@ class MultimodalModel(nn.Module):
 
     def encode(self, batch: Batch) -> dict[str, EncoderOutput]:
         """Run every encoder whose modality is in the batch: ``{m: EncoderOutput}``."""
-        return {
-            m: self.encoders[m](batch.data[m], batch.padding.get(m))
-            for m in self.modalities
-            if m in batch.data
-        }
+        return {m: self.encoders[m](batch.data[m], batch.padding.get(m)) for m in self.modalities if m in batch.data}
 
     def forward(self, batch: Batch) -> Outputs:
         """Encode, fuse and project; embeddings are L2-normalised ``[B, E]``."""
         fused = self.fusion(self.encode(batch))
-        embeddings = {
-            m: F.normalize(self.heads[m](out.pooled), dim=-1) for m, out in fused.per_modality.items()
-        }
+        embeddings = {m: F.normalize(self.heads[m](out.pooled), dim=-1) for m, out in fused.per_modality.items()}
         scale = None
         if self.logit_scale is not None:
             scale = self.logit_scale.clamp(max=self.max_log_scale)

@@ -44,8 +44,9 @@ class MLPHead(nn.Module):
         ValueError: If ``layers < 1`` or ``dropout`` is outside ``[0, 1)``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None, layers: int = 2,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int | None = None, layers: int = 2, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if layers < 1:
             raise ValueError(f"mlp head needs layers >= 1, got {layers}")

@@ -14,9 +14,7 @@ from torch import Tensor, nn
 
 def _check_padding(x: Tensor, padding: Tensor) -> None:
     if padding.dim() != 2 or padding.shape != x.shape[:2]:
-        raise ValueError(
-            f"padding of shape {tuple(padding.shape)} does not match tokens of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"padding of shape {tuple(padding.shape)} does not match tokens of shape {tuple(x.shape)}")
 
 
 def check_sequence(x: Tensor, padding: Tensor | None, channels: int, name: str) -> None:
@@ -28,9 +26,7 @@ def check_sequence(x: Tensor, padding: Tensor | None, channels: int, name: str) 
     if x.dim() != 3 or x.shape[1] != channels:
         raise ValueError(f"{name} expects [B, {channels}, T], got shape {tuple(x.shape)}")
     if padding is not None and padding.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(
-            f"{name}: padding of shape {tuple(padding.shape)} does not match input {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}: padding of shape {tuple(padding.shape)} does not match input {tuple(x.shape)}")
 
 
 def masked_mean(x: Tensor, padding: Tensor | None = None) -> Tensor:
@@ -91,8 +87,7 @@ def zero_padded(x: Tensor, padding: Tensor | None) -> Tensor:
     return x.masked_fill(mask, 0.0)
 
 
-def downsample_padding(padding: Tensor, new_len: int, kernel: int | None = None,
-                       stride: int | None = None) -> Tensor:
+def downsample_padding(padding: Tensor, new_len: int, kernel: int | None = None, stride: int | None = None) -> Tensor:
     """Padding mask of a downsampled sequence.
 
     An output position is padded iff every source position it covers is padded.
@@ -148,7 +143,10 @@ class TransformerBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
             nn.Dropout(dropout),
         )
 
@@ -174,8 +172,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of ``TransformerBlock``s followed by a final LayerNorm."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)

@@ -36,8 +36,7 @@ def check_pair_inputs(a: Tensor, b: Tensor, ids: Tensor | None, **scalars: Tenso
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape != b.shape:
         raise ValueError(
-            f"expected two embedding matrices of the same shape [N, E], got a {tuple(a.shape)} "
-            f"and b {tuple(b.shape)}"
+            f"expected two embedding matrices of the same shape [N, E], got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
     if ids is not None and (ids.dim() != 1 or ids.shape[0] != a.shape[0]):
         raise ValueError(f"ids must be [N] with N={a.shape[0]}, got shape {tuple(ids.shape)}")
@@ -93,8 +92,7 @@ def gather_gallery(a: Tensor, b: Tensor, ids: Tensor | None, gather: bool) -> Ga
     if total == 0:
         return Gallery(a, b, ids, 0, 0, world_size())
     ids_all = all_gather_no_grad(ids, sizes) if ids is not None else None
-    return Gallery(all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes), ids_all, offset, total,
-                   world_size())
+    return Gallery(all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes), ids_all, offset, total, world_size())
 
 
 def empty_loss(a: Tensor, b: Tensor, gather: bool, name: str, *scalars: Tensor) -> Tensor:
@@ -108,8 +106,7 @@ def empty_loss(a: Tensor, b: Tensor, gather: bool, name: str, *scalars: Tensor) 
     return 0.0 * (a.sum() + b.sum() + sum(s.sum() for s in scalars))
 
 
-def infonce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, ids: Tensor | None = None,
-                 gather: bool = False) -> Tensor:
+def infonce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, ids: Tensor | None = None, gather: bool = False) -> Tensor:
     """Symmetric InfoNCE / CLIP loss.
 
     ``logits = exp(logit_scale) * a @ b.T``; the loss is the mean of the cross-entropies of the
@@ -148,14 +145,13 @@ def infonce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, ids: Tensor | None =
     negatives_off[torch.arange(n, device=a.device), targets] = False
     logits_ab = (scale * a @ g.b.T).masked_fill(negatives_off, float("-inf"))
     logits_ba = (scale * b @ g.a.T).masked_fill(negatives_off, float("-inf"))
-    ce = F.cross_entropy(logits_ab, targets, reduction="sum") + F.cross_entropy(
-        logits_ba, targets, reduction="sum"
-    )
+    ce = F.cross_entropy(logits_ab, targets, reduction="sum") + F.cross_entropy(logits_ba, targets, reduction="sum")
     return ce * (g.weight / (2.0 * g.total))
 
 
-def paired_embeddings(outputs: Outputs, batch: Batch, modalities: tuple[str, str], name: str
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+def paired_embeddings(
+    outputs: Outputs, batch: Batch, modalities: tuple[str, str], name: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rows of ``outputs.embeddings[m0]``, ``[m1]`` and ``batch.ids`` where both were observed.
 
     Returns:
@@ -166,8 +162,11 @@ def paired_embeddings(outputs: Outputs, batch: Batch, modalities: tuple[str, str
     """
     for m in modalities:
         if m not in outputs.embeddings:
-            raise ConfigError(f"{name}.modalities", f"modality {m!r} has no embedding in the model outputs",
-                              sorted(outputs.embeddings))
+            raise ConfigError(
+                f"{name}.modalities",
+                f"modality {m!r} has no embedding in the model outputs",
+                sorted(outputs.embeddings),
+            )
     a, b = outputs.embeddings[modalities[0]], outputs.embeddings[modalities[1]]
     keep = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     for m in modalities:

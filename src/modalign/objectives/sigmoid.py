@@ -25,8 +25,9 @@ from modalign.objectives.contrastive import (
 )
 
 
-def sigmoid_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor, ids: Tensor | None = None,
-                 gather: bool = False) -> Tensor:
+def sigmoid_loss(
+    a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor, ids: Tensor | None = None, gather: bool = False
+) -> Tensor:
     """SigLIP loss: an independent binary classification per pair.
 
     ``logits = exp(logit_scale) * a @ b.T + logit_bias``; labels are ``+1`` for matching pairs

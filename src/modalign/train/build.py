@@ -92,9 +92,7 @@ def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
     fusion_name, fusion_kwargs = check_component("fusion", recipe.model.fusion, "model.fusion")
     fusion = create("fusion", fusion_name, **fusion_kwargs)
     method_name, method_kwargs = check_component("method", recipe.method, "method", METHOD_PROVIDED)
-    method: Method = create(
-        "method", method_name, encoders=encoders, heads=heads, fusion=fusion, **method_kwargs
-    )
+    method: Method = create("method", method_name, encoders=encoders, heads=heads, fusion=fusion, **method_kwargs)
     return method
 
 

@@ -51,7 +51,8 @@ def seed_everything(seed: int) -> None:
 def make_optimizer(method: Method, cfg: TrainConfig) -> AdamW:
     """AdamW with weight decay only on weight matrices/kernels (ndim >= 2)."""
     skip = method.no_weight_decay()
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in method.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name in skip else decay).append(p)
@@ -112,8 +113,9 @@ class Trainer:
         device: Device to train on.
     """
 
-    def __init__(self, method: Method, dataset: MultimodalDataset, cfg: TrainConfig, run_dir: Path,
-                 device: torch.device) -> None:
+    def __init__(
+        self, method: Method, dataset: MultimodalDataset, cfg: TrainConfig, run_dir: Path, device: torch.device
+    ) -> None:
         self.method = method.to(device)
         self.dataset = dataset
         self.cfg = cfg
@@ -168,15 +170,15 @@ class Trainer:
             "step": self.state.step,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
-        save_checkpoint(self.ckpt_dir, f"epoch-{self.state.epoch:04d}", self.method, state,
-                        self.cfg.keep_checkpoints)
+        save_checkpoint(self.ckpt_dir, f"epoch-{self.state.epoch:04d}", self.method, state, self.cfg.keep_checkpoints)
 
     def _run_epoch(self, epoch: int, log: MetricsLog) -> dict[str, float]:
         seed = epoch_seed(self.cfg.seed, epoch)
         seed_everything(seed)
         self.dataset.set_epoch(epoch)
-        loader = make_loader(self.dataset, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers,
-                             seed=seed, drop_last=True)
+        loader = make_loader(
+            self.dataset, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, seed=seed, drop_last=True
+        )
         self.method.train()
         total, count, start = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1.0)
@@ -189,9 +191,16 @@ class Trainer:
             rate = count / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
             if self.state.step % self.cfg.log_every == 0:
-                log.write({"step": self.state.step, "epoch": epoch + count / len(self.dataset),
-                           "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": rate, **out.metrics})
+                log.write(
+                    {
+                        "step": self.state.step,
+                        "epoch": epoch + count / len(self.dataset),
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": rate,
+                        **out.metrics,
+                    }
+                )
         bar.close()
         steps = max(1, count // self.cfg.batch_size)
         return {"epoch_loss": total / steps, "epoch_seconds": time.perf_counter() - start}

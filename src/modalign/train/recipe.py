@@ -55,7 +55,9 @@ class TrainConfig(_Section):
     epochs: int = Field(10, gt=0, description="Passes over the training split.")
     batch_size: int = Field(256, gt=1, description="Samples per step (per process).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay (not on norms/biases/temperature).")
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW decoupled weight decay (not on norms/biases/temperature)."
+    )
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Final lr as a fraction of the peak.")
@@ -88,8 +90,8 @@ class Recipe(_Section):
     data: dict[str, Any] = Field(description="Dataset mapping {name: ..., **args}; see `modalign datasets`.")
     model: ModelConfig
     method: dict[str, Any] = Field(description="Method mapping {name: clip|siglip|..., **args}.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
 
 
 def _pydantic_error(err: pydantic.ValidationError) -> ConfigError:
@@ -97,11 +99,11 @@ def _pydantic_error(err: pydantic.ValidationError) -> ConfigError:
     path = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         *parent, key = [str(p) for p in first["loc"]]
-        allowed = _allowed_keys(parent)
-        close = difflib.get_close_matches(key, allowed, n=2)
-        return ConfigError(path, "unknown key", allowed, close)
+        keys = _allowed_keys(parent)
+        close = difflib.get_close_matches(key, keys, n=2)
+        return ConfigError(path, "unknown key", keys, close)
     expected = first.get("ctx", {}).get("expected")
-    allowed = re.findall(r"'([^']*)'", expected) if expected else None
+    allowed: list[str] | None = re.findall(r"'([^']*)'", expected) if expected else None
     return ConfigError(path, f"{first['msg']} (got {first.get('input')!r})", allowed)
 
 

@@ -70,8 +70,9 @@ def load_artifacts(run_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
 
 
-def train_run(recipe: Recipe, run_dir: Path, resume: bool = True, max_epochs: int | None = None
-              ) -> dict[str, float] | None:
+def train_run(
+    recipe: Recipe, run_dir: Path, resume: bool = True, max_epochs: int | None = None
+) -> dict[str, float] | None:
     """Train the recipe in ``run_dir`` (resuming if possible), then evaluate.
 
     Args:
@@ -120,8 +121,7 @@ def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Metho
     return recipe, method
 
 
-def embed_split(recipe: Recipe, method: Method, dataset: MultimodalDataset, device: torch.device
-                ) -> EmbeddingSet:
+def embed_split(recipe: Recipe, method: Method, dataset: MultimodalDataset, device: torch.device) -> EmbeddingSet:
     """Embed every sample of ``dataset`` (no augmentation) with ``method``."""
     loader = make_loader(dataset, recipe.eval.batch_size, shuffle=False, num_workers=recipe.train.num_workers)
     return embed_loader(method.to(device), loader, device=device)
@@ -135,8 +135,14 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
     if recipe.eval.probe and recipe.eval.label is not None:
         train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
         train = embed_split(recipe, method, train_ds, device)
-    metrics = evaluate_embeddings(train, test, recipe.eval.label, chunk_size=recipe.eval.chunk_size,
-                                  knn_k=recipe.eval.knn_k, probe=recipe.eval.probe)
+    metrics = evaluate_embeddings(
+        train,
+        test,
+        recipe.eval.label,
+        chunk_size=recipe.eval.chunk_size,
+        knn_k=recipe.eval.knn_k,
+        probe=recipe.eval.probe,
+    )
     write_eval_json(metrics, run_dir / EVAL_FILE)
     if recipe.eval.plots:
         write_plots(recipe, test, run_dir)
@@ -160,10 +166,16 @@ def write_plots(recipe: Recipe, test: EmbeddingSet, run_dir: Path) -> list[Path]
         both = test.present[a] & test.present[b]
         sub = test.subset(both)
         sub_labels = sub.labels.get(recipe.eval.label) if recipe.eval.label else None
-        written.append(plot_similarity_matrix(sub.embeddings[a], sub.embeddings[b], sub_labels,
-                                              folder / "similarity.png", names=(a, b)))
-    written.append(plot_projection(test.embeddings, labels, folder / "projection.png",
-                                   method=recipe.eval.projection, present=test.present))
+        written.append(
+            plot_similarity_matrix(
+                sub.embeddings[a], sub.embeddings[b], sub_labels, folder / "similarity.png", names=(a, b)
+            )
+        )
+    written.append(
+        plot_projection(
+            test.embeddings, labels, folder / "projection.png", method=recipe.eval.projection, present=test.present
+        )
+    )
     return written
 
 
@@ -201,8 +213,10 @@ def embed_data(run_dir: Path, data: str, out: Path, data_root: str | None = None
         dataset = build_dataset(recipe, data, artifacts=artifacts, augment=False)
     else:
         if recipe.data.get("name") != "manifest":
-            raise ConfigError("--data", f"{data!r} is not a split (train|test); a manifest file needs a run "
-                              "trained on the `manifest` dataset")
+            raise ConfigError(
+                "--data",
+                f"{data!r} is not a split (train|test); a manifest file needs a run trained on the `manifest` dataset",
+            )
         recipe.data = {**recipe.data, "test_file": str(Path(data).resolve())}
         dataset = build_dataset(recipe, "test", artifacts=artifacts, augment=False)
     emb = embed_split(recipe, method, dataset, resolve_device(recipe.train.device))

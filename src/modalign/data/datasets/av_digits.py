@@ -75,14 +75,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise DataError(f"cannot read IDX file {str(path)!r}: {e}") from None
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
-        raise DataError(
-            f"IDX file {str(path)!r}: expected a uint8 array of rank {ndim} (magic 0x0000080{ndim})"
-        )
+        raise DataError(f"IDX file {str(path)!r}: expected a uint8 array of rank {ndim} (magic 0x0000080{ndim})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(raw) - header != int(np.prod(shape)):
-        raise DataError(
-            f"IDX file {str(path)!r}: header says shape {shape} but holds {len(raw) - header} bytes"
-        )
+        raise DataError(f"IDX file {str(path)!r}: header says shape {shape} but holds {len(raw) - header} bytes")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
@@ -116,9 +112,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def balanced_pairing(
-    image_digits: np.ndarray, rec_digits: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def balanced_pairing(image_digits: np.ndarray, rec_digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each image, the index of a recording of the same digit.
 
     The ``k``-th image of digit ``d`` gets entry ``k mod n_d`` of a shuffle of the ``n_d``
@@ -197,9 +191,7 @@ class AVDigits(MultimodalDataset):
             return read_mnist_csv(base / TRAIN_IMAGES)
         images, labels = read_idx(base / TEST_IMAGES, 3), read_idx(base / TEST_LABELS, 1).astype(np.int64)
         if len(images) != len(labels):
-            raise DataError(
-                f"{NAME}: {len(images)} test images but {len(labels)} labels in {base / TEST_LABELS}"
-            )
+            raise DataError(f"{NAME}: {len(images)} test images but {len(labels)} labels in {base / TEST_LABELS}")
         if test_size is None:
             return images, labels
         if not 1 <= test_size <= len(labels):

@@ -34,9 +34,7 @@ def _parse_case(line: str, n_dims: int, classes: list[str], where: str) -> tuple
     """One data line: ``n_dims`` comma-separated dimensions, ``:``-separated, then the label."""
     fields = line.split(":")
     if len(fields) != n_dims + 1:
-        raise DataError(
-            f"{where}: expected {n_dims} dimensions and a label separated by ':', got {len(fields)} fields"
-        )
+        raise DataError(f"{where}: expected {n_dims} dimensions and a label separated by ':', got {len(fields)} fields")
     label = fields[-1].strip()
     if label not in classes:
         raise DataError(f"{where}: class {label!r} is not one of @classLabel {classes}")
@@ -88,8 +86,7 @@ def read_ts(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         cases.append(_parse_case(line, n_dims, classes, f"{path}:{number}"))
     if not cases or len({c[0].shape for c in cases}) != 1:
         raise DataError(
-            f"{path}: expected equal-length cases after @data, got shapes "
-            f"{sorted({c[0].shape for c in cases})}"
+            f"{path}: expected equal-length cases after @data, got shapes {sorted({c[0].shape for c in cases})}"
         )
     return np.stack([c[0] for c in cases]), np.array([c[1] for c in cases], dtype=np.int64), classes
 
@@ -138,8 +135,7 @@ class BasicMotions(MultimodalDataset):
             data, self._labels, classes = read_ts(base / FILES["test"])
             if classes != self.class_names:
                 raise DataError(
-                    f"{base / FILES['test']}: classes {classes} differ from the train file's "
-                    f"{self.class_names}"
+                    f"{base / FILES['test']}: classes {classes} differ from the train file's {self.class_names}"
                 )
         if train.shape[1] != N_DIMS or data.shape[1:] != train.shape[1:]:
             raise DataError(

@@ -103,22 +103,26 @@ def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         rows = [dict(r) for r in reader]
         extra = next((i for i, r in enumerate(rows) if None in r), None)
         if extra is not None:
-            raise DataError(f"manifest {str(path)!r}: data row {extra + 1} ({ROW_NOTE}) has more fields "
-                            f"than the header's {len(reader.fieldnames or [])} columns")
+            raise DataError(
+                f"manifest {str(path)!r}: data row {extra + 1} ({ROW_NOTE}) has more fields "
+                f"than the header's {len(reader.fieldnames or [])} columns"
+            )
         return list(reader.fieldnames or []), rows
     if suffix not in (".jsonl", ".ndjson"):
-        raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; "
-                        "use .jsonl, .ndjson, .csv or .tsv")
+        raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .jsonl, .ndjson, .csv or .tsv")
     rows, columns = [], {}
     for line in (ln for ln in text.splitlines() if ln.strip()):
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is not "
-                            f"valid JSON: {e}") from None
+            raise DataError(
+                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is not valid JSON: {e}"
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is "
-                            f"{type(row).__name__}, expected a JSON object")
+            raise DataError(
+                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is "
+                f"{type(row).__name__}, expected a JSON object"
+            )
         rows.append(row)
         columns.update(dict.fromkeys(row))
     return list(columns), rows
@@ -158,8 +162,10 @@ def infer_kinds(columns: list[str], rows: list[dict[str, Any]], base: Path) -> d
             continue
         kind = next((k for k in (_kind_of(v, base) for v in values) if k is not None), None)
         if kind is None:
-            raise DataError(f"column {col!r}: cannot infer a modality kind from {values[0]!r} (need a "
-                            "file path or inline text); pass modalities={column: kind} to choose columns")
+            raise DataError(
+                f"column {col!r}: cannot infer a modality kind from {values[0]!r} (need a "
+                "file path or inline text); pass modalities={column: kind} to choose columns"
+            )
         kinds[col] = kind
     return kinds
 
@@ -196,8 +202,7 @@ def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         DataError: If ``n < 2``.
     """
     if n < 2:
-        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; "
-                        "pass test_file")
+        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; pass test_file")
     n_test = max(1, round(n * HOLDOUT_FRACTION))
     perm = np.random.default_rng([seed, 10]).permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
@@ -217,8 +222,10 @@ def resolve_manifest(name: str | os.PathLike[str], root: str | os.PathLike[str] 
         base = Path(root).expanduser() if root is not None else None
         path = (base if base is not None and base.is_dir() else Path.cwd()) / path
     if not path.is_file():
-        raise DataError(f"manifest {str(path)!r} does not exist (relative manifest paths resolve against "
-                        "the data root if it exists, else the current directory)")
+        raise DataError(
+            f"manifest {str(path)!r} does not exist (relative manifest paths resolve against "
+            "the data root if it exists, else the current directory)"
+        )
     return path
 
 
@@ -239,8 +246,11 @@ def load_array(path: Path, kind: str) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"cannot read .npy file: {e}") from None
-    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
-            or np.iscomplexobj(arr):
+    if (
+        not isinstance(arr, np.ndarray)
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+        or np.iscomplexobj(arr)
+    ):
         raise DataError(f"expected a real numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
     rank = 2 if kind == "series" else 1
     if arr.ndim != rank:
@@ -308,13 +318,30 @@ class ManifestDataset(MultimodalDataset):
         ConfigError: Unknown split or modality kind.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", seed: int = 0,
-                 augment: bool | None = None, artifacts: dict[str, str] | None = None, *,
-                 train_file: str, test_file: str | None = None, modalities: dict[str, str] | None = None,
-                 id_column: str = "id", label_columns: list[str] | None = None, skip_bad: bool = False,
-                 image_size: int = 64, image_channels: int = 3, sample_rate: int = 16000, n_mels: int = 64,
-                 max_seconds: float = 4.0, n_fft: int = 512, hop_length: int = 160, vocab_size: int = 8000,
-                 max_tokens: int = 64) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        split: str = "train",
+        seed: int = 0,
+        augment: bool | None = None,
+        artifacts: dict[str, str] | None = None,
+        *,
+        train_file: str,
+        test_file: str | None = None,
+        modalities: dict[str, str] | None = None,
+        id_column: str = "id",
+        label_columns: list[str] | None = None,
+        skip_bad: bool = False,
+        image_size: int = 64,
+        image_channels: int = 3,
+        sample_rate: int = 16000,
+        n_mels: int = 64,
+        max_seconds: float = 4.0,
+        n_fft: int = 512,
+        hop_length: int = 160,
+        vocab_size: int = 8000,
+        max_tokens: int = 64,
+    ) -> None:
         if split not in ("train", "test"):
             raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
         self.split, self.seed, self.skip_bad = split, seed, skip_bad
@@ -331,24 +358,24 @@ class ManifestDataset(MultimodalDataset):
         self._require_columns(columns, [*self.kinds, *self.label_columns])
         self._channels = reference_channels(self.kinds, train_rows, self.train_path)
         self._classes = {c: label_classes(train_rows, c) for c in self.label_columns}
-        self._class_index = {c: {name: i for i, name in enumerate(names)}
-                             for c, names in self._classes.items() if names is not None}
+        self._class_index = {
+            c: {name: i for i, name in enumerate(names)} for c, names in self._classes.items() if names is not None
+        }
         self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
-        self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length,
-                                       augment=self.augment)
+        self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length, augment=self.augment)
         self._rows = self._decode_rows(rows, self._split_indices(len(rows), test_file is None))
         self._fit(artifacts or {}, vocab_size, max_tokens)
 
-    def _choose_kinds(self, columns: list[str], rows: list[dict[str, Any]],
-                      modalities: dict[str, str] | None, id_column: str) -> dict[str, str]:
+    def _choose_kinds(
+        self, columns: list[str], rows: list[dict[str, Any]], modalities: dict[str, str] | None, id_column: str
+    ) -> dict[str, str]:
         if modalities is None:
             skip = {id_column, *self.label_columns}
             kinds = infer_kinds([c for c in columns if c not in skip], rows, self.train_path.parent)
         else:
             for col, kind in modalities.items():
                 if kind not in MODALITY_KINDS:
-                    raise ConfigError(f"modalities.{col}", f"unknown modality kind {kind!r}",
-                                      list(MODALITY_KINDS))
+                    raise ConfigError(f"modalities.{col}", f"unknown modality kind {kind!r}", list(MODALITY_KINDS))
             kinds = dict(modalities)
         self._require_columns(columns, [*kinds, *self.label_columns], self.train_path)
         both = sorted(set(kinds) & set(self.label_columns))
@@ -361,8 +388,10 @@ class ManifestDataset(MultimodalDataset):
     def _require_columns(self, columns: list[str], needed: list[str], path: Path | None = None) -> None:
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise DataError(f"manifest {str(path or self.path)!r}: column(s) {missing} not in its header; "
-                            f"the header's columns are {columns}")
+            raise DataError(
+                f"manifest {str(path or self.path)!r}: column(s) {missing} not in its header; "
+                f"the header's columns are {columns}"
+            )
 
     def _split_indices(self, n: int, holdout: bool) -> list[int]:
         if not holdout:
@@ -388,11 +417,17 @@ class ManifestDataset(MultimodalDataset):
                 self.skipped.append(str(e))
         self.n_skipped = len(self.skipped)
         if self.skipped:
-            logger.warning("%s: skipped %d of %d rows with bad values; first: %s", self.path,
-                           self.n_skipped, len(indices), self.skipped[0])
+            logger.warning(
+                "%s: skipped %d of %d rows with bad values; first: %s",
+                self.path,
+                self.n_skipped,
+                len(indices),
+                self.skipped[0],
+            )
         for col, n in self._unseen.items():
-            logger.warning("%s: %d rows of label %r have values absent from %s (label -1)", self.path, n,
-                           col, self.train_path)
+            logger.warning(
+                "%s: %d rows of label %r have values absent from %s (label -1)", self.path, n, col, self.train_path
+            )
         if not good:
             detail = "; ".join(self.skipped[:3]) if self.skipped else "it has no data rows"
             raise DataError(f"manifest {str(self.path)!r}: no usable row in split {self.split!r}: {detail}")
@@ -447,8 +482,10 @@ class ManifestDataset(MultimodalDataset):
             raise _BadValueError(str(e), file) from None
         ref = self._channels.get(column)
         if ref is not None and arr.shape[0] != ref:
-            raise _BadValueError(f"{arr.shape[0]} {'channels' if kind == 'series' else 'values'} (shape "
-                            f"{arr.shape}), but the first readable row of {self.train_path.name} has {ref}")
+            raise _BadValueError(
+                f"{arr.shape[0]} {'channels' if kind == 'series' else 'values'} (shape "
+                f"{arr.shape}), but the first readable row of {self.train_path.name} has {ref}"
+            )
         return torch.from_numpy(arr) if kind == "vector" else arr
 
     def _labels(self, row: dict[str, Any], number: int) -> dict[str, int]:
@@ -460,8 +497,10 @@ class ManifestDataset(MultimodalDataset):
             index, text = self._class_index.get(col), str(value).strip()
             if index is None:
                 if isinstance(value, (bool, float)) or not text.isdigit():
-                    raise DataError(f"{self._where(number, col, None)}: label {value!r} is not an int >= 0 "
-                                    f"like the train file's values")
+                    raise DataError(
+                        f"{self._where(number, col, None)}: label {value!r} is not an int >= 0 "
+                        f"like the train file's values"
+                    )
                 labels[col] = int(text)
             elif text in index:
                 labels[col] = index[text]
@@ -474,8 +513,10 @@ class ManifestDataset(MultimodalDataset):
         if key in artifacts:
             return artifacts[key]
         if self.split == "test":
-            raise DataError(f"manifest {str(self.path)!r}: the test split needs {key!r} from the train "
-                            f"split's artifacts() (got {sorted(artifacts)})")
+            raise DataError(
+                f"manifest {str(self.path)!r}: the test split needs {key!r} from the train "
+                f"split's artifacts() (got {sorted(artifacts)})"
+            )
         return None
 
     def _fit(self, artifacts: dict[str, str], vocab_size: int, max_tokens: int) -> None:
@@ -494,8 +535,7 @@ class ManifestDataset(MultimodalDataset):
             elif kind == "series":
                 self._series_tf[col] = self._series_transform(col, artifacts, present)
 
-    def _tokenizer(self, col: str, artifacts: dict[str, str], texts: list[str],
-                   vocab_size: int) -> TextTokenizer:
+    def _tokenizer(self, col: str, artifacts: dict[str, str], texts: list[str], vocab_size: int) -> TextTokenizer:
         key = f"tokenizer-{col}.json"
         stored = self._need(artifacts, key)
         if stored is not None:
@@ -508,14 +548,12 @@ class ManifestDataset(MultimodalDataset):
         except DataError as e:
             raise DataError(f"manifest {str(self.path)!r}, text column {col!r}: {e}") from None
 
-    def _series_transform(self, col: str, artifacts: dict[str, str],
-                          series: list[np.ndarray]) -> SeriesTransform:
+    def _series_transform(self, col: str, artifacts: dict[str, str], series: list[np.ndarray]) -> SeriesTransform:
         key = f"series-{col}.json"
         stored = self._need(artifacts, key)
         if stored is None:
             if not series:
-                raise DataError(f"manifest {str(self.path)!r}, series column {col!r}: "
-                                "no value in the train split")
+                raise DataError(f"manifest {str(self.path)!r}, series column {col!r}: no value in the train split")
             mean, std = SeriesTransform.fit(series)
         else:
             try:
@@ -524,8 +562,10 @@ class ManifestDataset(MultimodalDataset):
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"artifact {key!r} is not {{'mean': [...], 'std': [...]}}: {e}") from None
             if self._channels.get(col, len(mean)) != len(mean):
-                raise DataError(f"artifact {key!r} has {len(mean)} channels, column {col!r} of "
-                                f"{str(self.train_path)!r} has {self._channels[col]}")
+                raise DataError(
+                    f"artifact {key!r} has {len(mean)} channels, column {col!r} of "
+                    f"{str(self.train_path)!r} has {self._channels[col]}"
+                )
         self._stats[col] = {"mean": mean, "std": std}
         return SeriesTransform(mean, std, augment=self.augment, jitter=SERIES_JITTER, scale=SERIES_SCALE)
 

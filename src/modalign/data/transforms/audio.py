@@ -57,9 +57,7 @@ def mel_to_hz(m: Tensor) -> Tensor:
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
 
-def mel_filterbank(
-    sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None
-) -> Tensor:
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> Tensor:
     """Triangular filters on the HTK mel scale, peak 1 (no area normalisation).
 
     Filter ``m`` rises linearly from mel point ``m`` to ``m + 1`` and falls to ``m + 2``, the
@@ -255,9 +253,7 @@ class AudioTransform:
             ValueError: If ``wave`` is not a non-empty 1-D tensor.
         """
         if wave.dim() != 1 or wave.shape[0] == 0:
-            raise ValueError(
-                f"AudioTransform: expected a mono waveform [N] with N > 0, got {tuple(wave.shape)}"
-            )
+            raise ValueError(f"AudioTransform: expected a mono waveform [N] with N > 0, got {tuple(wave.shape)}")
         wave = wave.float()
         if self.augment:
             wave = self._shift_and_gain(wave)

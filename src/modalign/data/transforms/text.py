@@ -48,13 +48,9 @@ class TextTokenizer:
         if not any(t.strip() for t in texts):
             raise DataError("TextTokenizer.fit: no non-empty text to train on")
         if vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(
-                f"TextTokenizer.fit: vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}"
-            )
+            raise ValueError(f"TextTokenizer.fit: vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
         tok = Tokenizer(models.WordPiece(unk_token=UNK))
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
-        )
+        tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
