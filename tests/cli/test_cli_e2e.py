@@ -142,3 +142,66 @@ def test_basicmotions_methods_beat_chance(data_root, tmp_path, extra):
     # 40 test recordings: instance retrieval chance at R@1 is 1/40 = 0.025
     assert metrics["accel->gyro/R@1"] >= 0.15, metrics
     assert metrics["gyro->accel/R@1"] >= 0.15, metrics
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 20),
+}
+
+
+def _colour_manifest(folder, n_per_colour: int, seed: int) -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, rgb in COLOURS.items():
+        for i in range(n_per_colour):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype("uint8")
+            path = folder / f"{name}-{seed}-{i}.png"
+            Image.fromarray(pixels).save(path)
+            shade = rng.choice(["a", "one", "this", "the"])
+            rows.append({"image": path.name, "caption": f"{shade} {name} patch", "colour": name})
+    return rows
+
+
+def test_manifest_train_and_embed_new_file(tmp_path):
+    train_rows = _colour_manifest(tmp_path, 12, seed=0)
+    test_rows = _colour_manifest(tmp_path, 4, seed=1)
+    for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = (
+        f"data={{name: manifest, train_file: {tmp_path / 'train.jsonl'}, test_file: {tmp_path / 'test.jsonl'}, "
+        "label_columns: [colour], image_size: 16, max_tokens: 8}"
+    )
+    run = tmp_path / "run"
+    _train(
+        [
+            "av-digits-clip",
+            data,
+            "model.encoders={image: {name: image_cnn, widths: [16, 32]}, caption: {name: text_bow}}",
+            "eval.label=colour",
+            "train.epochs=15",
+            "train.batch_size=16",
+            "train.warmup_steps=5",
+            "--run-dir",
+            str(run),
+        ]
+    )
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["image->caption/p@1"] >= 0.5, metrics  # 8 colours: chance 0.125
+    out = tmp_path / "emb.npz"
+    result = runner.invoke(app, ["embed", str(run), "--data", str(tmp_path / "test.jsonl"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import numpy as np
+
+    arrays = np.load(out)
+    assert arrays["embeddings/image"].shape == (len(test_rows), 128)
+    assert set(np.unique(arrays["labels/colour"])) == set(range(len(COLOURS)))
