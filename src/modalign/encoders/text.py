@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from modalign.core.errors import ConfigError
@@ -107,18 +108,27 @@ class TextBoW(_TextEncoder):
 
     Order-free and cheap; strong for short label texts ("a photo of a seven"). ``tokens`` are
     the token embeddings ``[B, T, dim]``; ``pooled`` is ``MLP(masked mean)`` ``[B, dim]``.
+    In training mode, ``word_dropout`` leaves each valid token out of the mean with that
+    probability (the word dropout of Iyyer et al. 2015, "Deep Unordered Composition Rivals
+    Syntactic Methods"); a sample always keeps at least one token.
 
     Args:
         vocab_size: Tokenizer vocabulary size (from the modality spec).
         dim: Width ``D``.
         hidden: Hidden width of the MLP.
         layers: Linear layers of the MLP (``>= 1``).
+        word_dropout: Probability of dropping a token from the mean while training.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 128, hidden: int = 256, layers: int = 2) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int = 128, hidden: int = 256, layers: int = 2, word_dropout: float = 0.0
+    ) -> None:
         super().__init__()
+        if not 0.0 <= word_dropout < 1.0:
+            raise ConfigError("word_dropout", f"must be in [0, 1), got {word_dropout}")
         self.vocab_size = vocab_size
         self.dim = dim
+        self.word_dropout = word_dropout
         self.embed = nn.Embedding(vocab_size, dim)
         self.mlp = MLPHead(dim, dim, hidden=hidden, layers=layers)
 
@@ -126,4 +136,12 @@ class TextBoW(_TextEncoder):
         """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding."""
         padding = _text_padding(x, padding, self.vocab_size, "text_bow")
         tokens = self.embed(x)
-        return EncoderOutput(tokens=tokens, pooled=self.mlp(masked_mean(tokens, padding)), padding=padding)
+        return EncoderOutput(tokens=tokens, pooled=self.mlp(masked_mean(tokens, self._drop(padding))), padding=padding)
+
+    def _drop(self, padding: Tensor) -> Tensor:
+        """Padding mask with dropped words marked as padded (training only)."""
+        if not self.training or self.word_dropout == 0.0:
+            return padding
+        dropped = padding | (torch.rand(padding.shape, device=padding.device) < self.word_dropout)
+        emptied = dropped.all(dim=1)
+        return torch.where(emptied[:, None], padding, dropped)
