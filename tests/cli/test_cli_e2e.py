@@ -205,3 +205,30 @@ def test_manifest_train_and_embed_new_file(tmp_path):
     arrays = np.load(out)
     assert arrays["embeddings/image"].shape == (len(test_rows), 128)
     assert set(np.unique(arrays["labels/colour"])) == set(range(len(COLOURS)))
+
+
+def test_datasets_fetch_command_from_file_mirror(data_root, tmp_path):
+    import zipfile
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    with zipfile.ZipFile(mirror / "BasicMotions.zip", "w") as zf:
+        for split in ("TRAIN", "TEST"):
+            zf.write(data_root / "basicmotions" / f"BasicMotions_{split}.ts", f"BasicMotions/BasicMotions_{split}.ts")
+    root = tmp_path / "data"
+    result = runner.invoke(app, ["datasets", "fetch", "basicmotions", "--root", str(root), "--mirror", mirror.as_uri()])
+    assert result.exit_code == 0, result.output
+    for split in ("TRAIN", "TEST"):
+        got = (root / "basicmotions" / f"BasicMotions_{split}.ts").read_bytes()
+        assert got == (data_root / "basicmotions" / f"BasicMotions_{split}.ts").read_bytes()
+    # a corrupted mirror fails with the checksum named, and installs nothing
+    with zipfile.ZipFile(mirror / "BasicMotions.zip", "w") as zf:
+        zf.writestr("BasicMotions/BasicMotions_TRAIN.ts", "corrupt")
+        zf.writestr("BasicMotions/BasicMotions_TEST.ts", "corrupt")
+    fresh = tmp_path / "fresh"
+    result = runner.invoke(
+        app, ["datasets", "fetch", "basicmotions", "--root", str(fresh), "--mirror", mirror.as_uri()]
+    )
+    assert result.exit_code == 2
+    assert "sha256" in result.output
+    assert not (fresh / "basicmotions").exists()
