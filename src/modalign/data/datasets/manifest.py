@@ -28,13 +28,9 @@ returned by ``artifacts()`` and must be passed to the test split.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,243 +42,30 @@ from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import MODALITY_KINDS, ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset
+from modalign.data.manifest_io import (
+    NAME,
+    ROW_NOTE,
+    SERIES_JITTER,
+    SERIES_SCALE,
+    BadValueError,
+    ManifestRow,
+    file_of,
+    holdout_split,
+    infer_kinds,
+    is_empty,
+    label_classes,
+    load_array,
+    read_manifest,
+    reference_channels,
+    resolve_manifest,
+    stable_id,
+)
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.series import SeriesTransform
 from modalign.data.transforms.text import TextTokenizer, TextTransform
 
 logger = logging.getLogger(__name__)
-
-NAME = "manifest"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-#: Fraction of ``train_file`` rows held out as the test split when there is no ``test_file``.
-HOLDOUT_FRACTION = 0.1
-ROW_NOTE = "1-based, counting data rows only"
-#: Series augmentation (Um et al. 2017): Gaussian jitter and per-channel scale, in std units.
-SERIES_JITTER = 0.03
-SERIES_SCALE = 0.1
-
-
-class _BadValueError(Exception):
-    """A value of one row that cannot be used; ``file`` is the path it points to, if any."""
-
-    def __init__(self, why: str, file: Path | None = None) -> None:
-        super().__init__(why)
-        self.why = why
-        self.file = file
-
-
-@dataclass
-class _Row:
-    """A decoded row: ``values`` holds prepared raw values (not yet transformed)."""
-
-    number: int
-    id: int
-    values: dict[str, Any]
-    labels: dict[str, int] = field(default_factory=dict)
-
-
-def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Read a JSONL (``.jsonl``/``.ndjson``) or CSV/TSV (``.csv``/``.tsv``) manifest.
-
-    Returns:
-        ``(columns, rows)``: the header's columns (JSONL: every key, in first-seen order) and one
-        dict per data row.
-
-    Raises:
-        DataError: Unknown extension, unreadable file, or a JSONL line that is not an object.
-    """
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read manifest {str(path)!r}: {e}") from None
-    if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = [dict(r) for r in reader]
-        extra = next((i for i, r in enumerate(rows) if None in r), None)
-        if extra is not None:
-            raise DataError(
-                f"manifest {str(path)!r}: data row {extra + 1} ({ROW_NOTE}) has more fields "
-                f"than the header's {len(reader.fieldnames or [])} columns"
-            )
-        return list(reader.fieldnames or []), rows
-    if suffix not in (".jsonl", ".ndjson"):
-        raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .jsonl, .ndjson, .csv or .tsv")
-    rows, columns = [], {}
-    for line in (ln for ln in text.splitlines() if ln.strip()):
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(
-                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is not valid JSON: {e}"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is "
-                f"{type(row).__name__}, expected a JSON object"
-            )
-        rows.append(row)
-        columns.update(dict.fromkeys(row))
-    return list(columns), rows
-
-
-def _is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _kind_of(value: Any, base: Path) -> str | None:
-    """Kind of a manifest value by its extension (``None``: not a string, cannot tell)."""
-    if not isinstance(value, str):
-        return None
-    low = value.strip().lower()
-    if low.endswith(IMAGE_EXTENSIONS):
-        return "image"
-    if low.endswith(AUDIO_EXTENSIONS):
-        return "audio"
-    if low.endswith(".npy"):
-        try:
-            return "series" if np.load(base / value.strip(), mmap_mode="r").ndim == 2 else "vector"
-        except (OSError, ValueError):
-            return None
-    return "text"
-
-
-def infer_kinds(columns: list[str], rows: list[dict[str, Any]], base: Path) -> dict[str, str]:
-    """Kind of each column from its first non-empty value that tells (see the module doc).
-
-    Raises:
-        DataError: If a column's values are not strings or no ``.npy`` of it can be read.
-    """
-    kinds: dict[str, str] = {}
-    for col in columns:
-        values = [r.get(col) for r in rows if not _is_empty(r.get(col))]
-        if not values:
-            continue
-        kind = next((k for k in (_kind_of(v, base) for v in values) if k is not None), None)
-        if kind is None:
-            raise DataError(
-                f"column {col!r}: cannot infer a modality kind from {values[0]!r} (need a "
-                "file path or inline text); pass modalities={column: kind} to choose columns"
-            )
-        kinds[col] = kind
-    return kinds
-
-
-def stable_id(value: Any) -> int:
-    """Integer id of an id value: ints (or decimal strings) as they are, other strings hashed.
-
-    Raises:
-        ValueError: If ``value`` is empty or neither an int nor a string.
-    """
-    if isinstance(value, bool) or _is_empty(value) or not isinstance(value, (int, str)):
-        raise ValueError(f"id must be an int or a non-empty string, got {value!r}")
-    if isinstance(value, int):
-        return value
-    text = value.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
-
-
-def label_classes(rows: list[dict[str, Any]], column: str) -> tuple[str, ...] | None:
-    """Class names of a label column over ``rows`` (sorted), or ``None`` if all are ints >= 0."""
-    values = [r.get(column) for r in rows if not _is_empty(r.get(column))]
-    as_text = [str(v).strip() for v in values]
-    if all(not isinstance(v, (bool, float)) and t.isdigit() for v, t in zip(values, as_text, strict=True)):
-        return None
-    return tuple(sorted(set(as_text)))
-
-
-def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``(train rows, test rows)``: a seeded hold-out of ``HOLDOUT_FRACTION`` (>= 1 row).
-
-    Raises:
-        DataError: If ``n < 2``.
-    """
-    if n < 2:
-        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; pass test_file")
-    n_test = max(1, round(n * HOLDOUT_FRACTION))
-    perm = np.random.default_rng([seed, 10]).permutation(n)
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-
-
-def resolve_manifest(name: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
-    """Resolve a manifest path.
-
-    Absolute paths are kept; relative ones resolve against ``root`` if it is an existing
-    folder, else against the current directory.
-
-    Raises:
-        DataError: If the file does not exist.
-    """
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        base = Path(root).expanduser() if root is not None else None
-        path = (base if base is not None and base.is_dir() else Path.cwd()) / path
-    if not path.is_file():
-        raise DataError(
-            f"manifest {str(path)!r} does not exist (relative manifest paths resolve against "
-            "the data root if it exists, else the current directory)"
-        )
-    return path
-
-
-def _file_of(value: Any, base: Path) -> Path:
-    if not isinstance(value, str):
-        raise _BadValueError(f"expected a file path, got {value!r}")
-    path = Path(value.strip()).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def load_array(path: Path, kind: str) -> np.ndarray:
-    """Load a ``.npy`` series ``[C, T]`` or vector ``[D]`` as finite ``float32``.
-
-    Raises:
-        DataError: Unreadable file, non-numeric dtype, wrong rank, empty or non-finite array.
-    """
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"cannot read .npy file: {e}") from None
-    if (
-        not isinstance(arr, np.ndarray)
-        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
-        or np.iscomplexobj(arr)
-    ):
-        raise DataError(f"expected a real numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
-    rank = 2 if kind == "series" else 1
-    if arr.ndim != rank:
-        what = "a series [C, T]" if kind == "series" else "a vector [D]"
-        raise DataError(f"expected {what} (rank {rank}), got an array of shape {arr.shape} (rank {arr.ndim})")
-    if arr.size == 0 or not np.isfinite(arr).all():
-        raise DataError(f"array of shape {arr.shape} is empty or holds NaN/infinite values")
-    return arr.astype(np.float32)
-
-
-def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], manifest: Path) -> dict[str, int]:
-    """Channels (series ``C``, vector ``D``) of each ``.npy`` column: those of its first readable value.
-
-    Raises:
-        DataError: If a series or vector column of ``manifest`` has no readable value.
-    """
-    ref: dict[str, int] = {}
-    base = manifest.parent
-    for col, kind in kinds.items():
-        if kind not in ("series", "vector"):
-            continue
-        for row in rows:
-            if _is_empty(row.get(col)):
-                continue
-            try:
-                ref[col] = int(load_array(_file_of(row[col], base), kind).shape[0])
-                break
-            except (DataError, _BadValueError):
-                continue
-        if col not in ref:
-            raise DataError(f"manifest {str(manifest)!r}: column {col!r} ({kind}) has no readable .npy value")
-    return ref
 
 
 @register("dataset", NAME)
@@ -403,9 +186,9 @@ class ManifestDataset(MultimodalDataset):
         where = f"manifest {str(self.path)!r}, data row {number} ({ROW_NOTE}), column {column!r}"
         return where + (f", file {str(file)!r}" if file is not None else "")
 
-    def _decode_rows(self, rows: list[dict[str, Any]], indices: list[int]) -> list[_Row]:
+    def _decode_rows(self, rows: list[dict[str, Any]], indices: list[int]) -> list[ManifestRow]:
         """Decode and validate ``rows[i]`` for ``i`` in ``indices``; bad rows raise or are skipped."""
-        good: list[_Row] = []
+        good: list[ManifestRow] = []
         self.skipped: list[str] = []
         self._unseen: dict[str, int] = {}
         for i in indices:
@@ -433,7 +216,7 @@ class ManifestDataset(MultimodalDataset):
             raise DataError(f"manifest {str(self.path)!r}: no usable row in split {self.split!r}: {detail}")
         return good
 
-    def _decode_row(self, row: dict[str, Any], index: int) -> _Row:
+    def _decode_row(self, row: dict[str, Any], index: int) -> ManifestRow:
         """Decode one row (``index`` is 0-based in its file).
 
         Raises:
@@ -442,12 +225,12 @@ class ManifestDataset(MultimodalDataset):
         number = index + 1
         values: dict[str, Any] = {}
         for col, kind in self.kinds.items():
-            if _is_empty(row.get(col)):
+            if is_empty(row.get(col)):
                 continue
-            file = None if kind == "text" else _file_of(row[col], self.path.parent)
+            file = None if kind == "text" else file_of(row[col], self.path.parent)
             try:
                 values[col] = self._decode_value(kind, row[col], file, col)
-            except _BadValueError as e:
+            except BadValueError as e:
                 raise DataError(f"{self._where(number, col, e.file or file)}: {e.why}") from None
         if not values:
             raise DataError(f"{self._where(number, ', '.join(self.kinds), None)}: no modality has a value")
@@ -457,7 +240,7 @@ class ManifestDataset(MultimodalDataset):
                 sample_id = stable_id(row.get(self.id_column))
             except ValueError as e:
                 raise DataError(f"{self._where(number, self.id_column, None)}: {e}") from None
-        return _Row(number, sample_id, values, self._labels(row, number))
+        return ManifestRow(number, sample_id, values, self._labels(row, number))
 
     def _decode_value(self, kind: str, value: Any, file: Path | None, column: str) -> Any:
         """Decode one value (``file is None`` for inline text) into a prepared raw value.
@@ -468,10 +251,10 @@ class ManifestDataset(MultimodalDataset):
         """
         if file is None:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise _BadValueError(f"expected inline text, got {value!r}")
+                raise BadValueError(f"expected inline text, got {value!r}")
             return str(value)
         if not file.is_file():
-            raise _BadValueError("file does not exist", file)
+            raise BadValueError("file does not exist", file)
         try:
             if kind == "image":
                 return self.image_tf.prepare(load_image(file))
@@ -479,10 +262,10 @@ class ManifestDataset(MultimodalDataset):
                 return load_audio(file, self.sample_rate)
             arr = load_array(file, kind)
         except DataError as e:
-            raise _BadValueError(str(e), file) from None
+            raise BadValueError(str(e), file) from None
         ref = self._channels.get(column)
         if ref is not None and arr.shape[0] != ref:
-            raise _BadValueError(
+            raise BadValueError(
                 f"{arr.shape[0]} {'channels' if kind == 'series' else 'values'} (shape "
                 f"{arr.shape}), but the first readable row of {self.train_path.name} has {ref}"
             )
@@ -492,7 +275,7 @@ class ManifestDataset(MultimodalDataset):
         labels: dict[str, int] = {}
         for col in self.label_columns:
             value = row.get(col)
-            if _is_empty(value):
+            if is_empty(value):
                 continue
             index, text = self._class_index.get(col), str(value).strip()
             if index is None:

@@ -1,0 +1,252 @@
+"""Reading and validating manifest files (JSONL/CSV/TSV) for the ``manifest`` dataset.
+
+Row numbers in messages are 1-based and count data rows only (the CSV header is not a row).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalign.core.errors import DataError
+
+NAME = "manifest"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+#: Fraction of ``train_file`` rows held out as the test split when there is no ``test_file``.
+HOLDOUT_FRACTION = 0.1
+ROW_NOTE = "1-based, counting data rows only"
+#: Series augmentation (Um et al. 2017): Gaussian jitter and per-channel scale, in std units.
+SERIES_JITTER = 0.03
+SERIES_SCALE = 0.1
+
+
+class BadValueError(Exception):
+    """A value of one row that cannot be used; ``file`` is the path it points to, if any."""
+
+    def __init__(self, why: str, file: Path | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.file = file
+
+
+@dataclass
+class ManifestRow:
+    """A decoded row: ``values`` holds prepared raw values (not yet transformed)."""
+
+    number: int
+    id: int
+    values: dict[str, Any]
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read a JSONL (``.jsonl``/``.ndjson``) or CSV/TSV (``.csv``/``.tsv``) manifest.
+
+    Returns:
+        ``(columns, rows)``: the header's columns (JSONL: every key, in first-seen order) and one
+        dict per data row.
+
+    Raises:
+        DataError: Unknown extension, unreadable file, or a JSONL line that is not an object.
+    """
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read manifest {str(path)!r}: {e}") from None
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [dict(r) for r in reader]
+        extra = next((i for i, r in enumerate(rows) if None in r), None)
+        if extra is not None:
+            raise DataError(
+                f"manifest {str(path)!r}: data row {extra + 1} ({ROW_NOTE}) has more fields "
+                f"than the header's {len(reader.fieldnames or [])} columns"
+            )
+        return list(reader.fieldnames or []), rows
+    if suffix not in (".jsonl", ".ndjson"):
+        raise DataError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .jsonl, .ndjson, .csv or .tsv")
+    rows, columns = [], {}
+    for line in (ln for ln in text.splitlines() if ln.strip()):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(
+                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is not valid JSON: {e}"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"manifest {str(path)!r}: data row {len(rows) + 1} ({ROW_NOTE}) is "
+                f"{type(row).__name__}, expected a JSON object"
+            )
+        rows.append(row)
+        columns.update(dict.fromkeys(row))
+    return list(columns), rows
+
+
+def is_empty(value: Any) -> bool:
+    """Whether a manifest cell counts as missing (``None`` or blank text)."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _kind_of(value: Any, base: Path) -> str | None:
+    """Kind of a manifest value by its extension (``None``: not a string, cannot tell)."""
+    if not isinstance(value, str):
+        return None
+    low = value.strip().lower()
+    if low.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if low.endswith(AUDIO_EXTENSIONS):
+        return "audio"
+    if low.endswith(".npy"):
+        try:
+            return "series" if np.load(base / value.strip(), mmap_mode="r").ndim == 2 else "vector"
+        except (OSError, ValueError):
+            return None
+    return "text"
+
+
+def infer_kinds(columns: list[str], rows: list[dict[str, Any]], base: Path) -> dict[str, str]:
+    """Kind of each column from its first non-empty value that tells (see the module doc).
+
+    Raises:
+        DataError: If a column's values are not strings or no ``.npy`` of it can be read.
+    """
+    kinds: dict[str, str] = {}
+    for col in columns:
+        values = [r.get(col) for r in rows if not is_empty(r.get(col))]
+        if not values:
+            continue
+        kind = next((k for k in (_kind_of(v, base) for v in values) if k is not None), None)
+        if kind is None:
+            raise DataError(
+                f"column {col!r}: cannot infer a modality kind from {values[0]!r} (need a "
+                "file path or inline text); pass modalities={column: kind} to choose columns"
+            )
+        kinds[col] = kind
+    return kinds
+
+
+def stable_id(value: Any) -> int:
+    """Integer id of an id value: ints (or decimal strings) as they are, other strings hashed.
+
+    Raises:
+        ValueError: If ``value`` is empty or neither an int nor a string.
+    """
+    if isinstance(value, bool) or is_empty(value) or not isinstance(value, (int, str)):
+        raise ValueError(f"id must be an int or a non-empty string, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def label_classes(rows: list[dict[str, Any]], column: str) -> tuple[str, ...] | None:
+    """Class names of a label column over ``rows`` (sorted), or ``None`` if all are ints >= 0."""
+    values = [r.get(column) for r in rows if not is_empty(r.get(column))]
+    as_text = [str(v).strip() for v in values]
+    if all(not isinstance(v, (bool, float)) and t.isdigit() for v, t in zip(values, as_text, strict=True)):
+        return None
+    return tuple(sorted(set(as_text)))
+
+
+def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train rows, test rows)``: a seeded hold-out of ``HOLDOUT_FRACTION`` (>= 1 row).
+
+    Raises:
+        DataError: If ``n < 2``.
+    """
+    if n < 2:
+        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; pass test_file")
+    n_test = max(1, round(n * HOLDOUT_FRACTION))
+    perm = np.random.default_rng([seed, 10]).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def resolve_manifest(name: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
+    """Resolve a manifest path.
+
+    Absolute paths are kept; relative ones resolve against ``root`` if it is an existing
+    folder, else against the current directory.
+
+    Raises:
+        DataError: If the file does not exist.
+    """
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        base = Path(root).expanduser() if root is not None else None
+        path = (base if base is not None and base.is_dir() else Path.cwd()) / path
+    if not path.is_file():
+        raise DataError(
+            f"manifest {str(path)!r} does not exist (relative manifest paths resolve against "
+            "the data root if it exists, else the current directory)"
+        )
+    return path
+
+
+def file_of(value: Any, base: Path) -> Path:
+    """Resolve a manifest value naming a file, relative to the manifest's folder ``base``."""
+    if not isinstance(value, str):
+        raise BadValueError(f"expected a file path, got {value!r}")
+    path = Path(value.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_array(path: Path, kind: str) -> np.ndarray:
+    """Load a ``.npy`` series ``[C, T]`` or vector ``[D]`` as finite ``float32``.
+
+    Raises:
+        DataError: Unreadable file, non-numeric dtype, wrong rank, empty or non-finite array.
+    """
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read .npy file: {e}") from None
+    if (
+        not isinstance(arr, np.ndarray)
+        or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool)
+        or np.iscomplexobj(arr)
+    ):
+        raise DataError(f"expected a real numeric array, got dtype {getattr(arr, 'dtype', type(arr))}")
+    rank = 2 if kind == "series" else 1
+    if arr.ndim != rank:
+        what = "a series [C, T]" if kind == "series" else "a vector [D]"
+        raise DataError(f"expected {what} (rank {rank}), got an array of shape {arr.shape} (rank {arr.ndim})")
+    if arr.size == 0 or not np.isfinite(arr).all():
+        raise DataError(f"array of shape {arr.shape} is empty or holds NaN/infinite values")
+    return arr.astype(np.float32)
+
+
+def reference_channels(kinds: dict[str, str], rows: list[dict[str, Any]], manifest: Path) -> dict[str, int]:
+    """Channels (series ``C``, vector ``D``) of each ``.npy`` column: those of its first readable value.
+
+    Raises:
+        DataError: If a series or vector column of ``manifest`` has no readable value.
+    """
+    ref: dict[str, int] = {}
+    base = manifest.parent
+    for col, kind in kinds.items():
+        if kind not in ("series", "vector"):
+            continue
+        for row in rows:
+            if is_empty(row.get(col)):
+                continue
+            try:
+                ref[col] = int(load_array(file_of(row[col], base), kind).shape[0])
+                break
+            except (DataError, BadValueError):
+                continue
+        if col not in ref:
+            raise DataError(f"manifest {str(manifest)!r}: column {col!r} ({kind}) has no readable .npy value")
+    return ref
