@@ -127,6 +127,8 @@ def test_recipes_and_datasets_commands():
     assert result.exit_code == 0 and "av-digits-clip" in result.output
     result = runner.invoke(app, ["datasets"])
     assert result.exit_code == 0 and "basicmotions" in result.output
+    result = runner.invoke(app, ["recipes", "--keys"])
+    assert result.exit_code == 0 and "train.warmup_steps (int, default 100): Linear warm-up" in result.output
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "--run-dir" in result.output
 

@@ -110,11 +110,15 @@ def embed(
 def recipes(
     show: Annotated[str | None, typer.Option(help="Print the named recipe's YAML.")] = None,
     components: Annotated[bool, typer.Option(help="List registered components of every kind.")] = False,
+    keys: Annotated[bool, typer.Option(help="Explain every recipe key (type, default, meaning).")] = False,
 ) -> None:
-    """List the packaged recipes (and registered components)."""
+    """List the packaged recipes (and registered components or recipe keys)."""
     from modalign.core.registry import KIND_MODULES, available
-    from modalign.train.recipe import packaged_recipes
+    from modalign.train.recipe import describe_keys, packaged_recipes
 
+    if keys:
+        typer.echo("\n".join(describe_keys()))
+        return
     known = packaged_recipes()
     if show is not None:
         if show not in known:

@@ -141,6 +141,20 @@ def validate_recipe(tree: dict[str, Any]) -> Recipe:
     return recipe
 
 
+def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """``key.path (type, default): description`` for every recipe key (the CLI's key help)."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(describe_keys(annotation, f"{prefix}{name}."))
+            continue
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+        lines.append(f"{prefix}{name} ({type_name}, {default}): {info.description or ''}")
+    return lines
+
+
 def packaged_recipes() -> dict[str, Path]:
     """``{name: path}`` of the YAML recipes shipped in ``modalign/configs/recipes``."""
     folder = resources.files("modalign") / "configs" / "recipes"
