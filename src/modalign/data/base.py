@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from modalign.core.errors import MissingDataRootError
+from modalign.core.errors import ConfigError, MissingDataRootError
 from modalign.core.types import ModalitySpec, Sample
 
 DATA_ENV = "MODALIGN_DATA"
@@ -59,6 +59,15 @@ class MultimodalDataset(Dataset[Sample], ABC):
         the run directory; the dataset's constructor accepts them back. Default: none.
         """
         return {}
+
+
+SPLITS = ("train", "test")
+
+
+def check_split(dataset: str, split: str) -> None:
+    """Raise ``ConfigError`` naming the allowed splits unless ``split`` is train or test."""
+    if split not in SPLITS:
+        raise ConfigError("split", f"unknown split {split!r} of dataset {dataset!r}", list(SPLITS))
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:

@@ -27,7 +27,7 @@ from torch import Tensor
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform
 
@@ -167,8 +167,7 @@ class AVDigits(MultimodalDataset):
         test_size: int | None = None,
         repair_each_epoch: bool = True,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        check_split(NAME, split)
         base = resolve_data_root(root)
         files = [TRAIN_IMAGES] if split == "train" else [TEST_IMAGES, TEST_LABELS]
         require_files(NAME, base, [*files, RECORDINGS], hint=HINT)

@@ -19,7 +19,7 @@ import numpy as np
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
 from modalign.data.transforms.series import SeriesTransform, paired_crop_window
 
 NAME = "basicmotions"
@@ -120,8 +120,7 @@ class BasicMotions(MultimodalDataset):
         jitter: float = 0.0,
         scale: float = 0.0,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        check_split(NAME, split)
         if crop < 1:
             raise ConfigError("crop", f"must be a positive number of steps, got {crop}")
         base = resolve_data_root(root)

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from modalign.core.errors import ConfigError, DataError
+from modalign.core.errors import DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.text import TextTokenizer
 
@@ -178,8 +178,7 @@ class EmojiDataset(MultimodalDataset):
         train_variants: bool = True,
         test_variants: bool = False,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        check_split(NAME, split)
         base = resolve_data_root(root)
         require_files(NAME, base, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
         if split == "test" and TOKENIZER_FILE not in (artifacts or {}):

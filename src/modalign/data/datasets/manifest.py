@@ -41,7 +41,7 @@ from torch import Tensor
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import MODALITY_KINDS, ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset
+from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.manifest_io import (
     NAME,
     ROW_NOTE,
@@ -125,8 +125,7 @@ class ManifestDataset(MultimodalDataset):
         vocab_size: int = 8000,
         max_tokens: int = 64,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ConfigError("split", f"unknown split {split!r} of dataset {NAME!r}", ["train", "test"])
+        check_split(NAME, split)
         self.split, self.seed, self.skip_bad = split, seed, skip_bad
         self.augment = split == "train" if augment is None else augment
         self.sample_rate = sample_rate
