@@ -223,6 +223,24 @@ def test_emoji_tokenizer_required_and_shared(
     assert emoji_test.modalities["text"].vocab_size == emoji_train.tokenizer.vocab_size <= 2000
 
 
+def test_emoji_word_tokenizer(data_root: Path, emoji_train: EmojiDataset) -> None:
+    train = EmojiDataset(root=data_root, split="train", tokenizer="word", vocab_size=10000, max_tokens=64, image_size=8)
+    test = EmojiDataset(root=data_root, split="test", artifacts=train.artifacts(), image_size=8)
+    assert test.tokenizer.to_json() == train.tokenizer.to_json()  # the test split reuses the word vocabulary
+    e = train.entries[0]
+    words = re.findall(r"[a-z0-9]+", e.text.lower())
+    assert train.tokenizer.tokens(e.text) == words  # whole words, no commas or full stops
+    ids = train[0].values["text"].tolist()
+    assert ids == train.tokenizer.encode(e.text, 64).tolist() and len(ids) == len(words) + 1
+    # every training word is in the vocabulary; held-out words it never saw map to [UNK]
+    assert all(t != train.tokenizer.unk_id for i in range(len(train)) for t in train[i].values["text"].tolist())
+    assert any(train.tokenizer.unk_id in test[i].values["text"].tolist() for i in range(len(test)))
+    with pytest.raises(ConfigError, match=r"data\.tokenizer.*allowed: wordpiece, word"):
+        EmojiDataset(root=data_root, split="train", tokenizer="bpe", image_size=8)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: invalid value 'bpe'"):
+        check_component("dataset", {"name": "emoji", "tokenizer": "bpe"}, "data")
+
+
 def test_emoji_samples(emoji_train: EmojiDataset, emoji_test: EmojiDataset) -> None:
     s = emoji_test[0]
     assert s.values["image"].shape == (3, 32, 32)

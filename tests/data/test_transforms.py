@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,34 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
         TextTokenizer.from_file(tmp_path / "missing.json")
     with pytest.raises(DataError, match="invalid"):
         TextTokenizer.from_json("{not json")
+
+
+def test_word_tokenizer_keeps_whole_words_and_drops_punctuation() -> None:
+    tok = TextTokenizer.fit(TEXTS, vocab_size=200, model="word")
+    assert tok.tokens("Grinning face, red-heart!") == ["grinning", "face", "red", "heart"]
+    assert tok.tokens("café au lait") == ["cafe", "au", "lait"]  # accents stripped
+    ids = tok.encode("zebra face", max_tokens=8)
+    assert ids.tolist() == [tok.cls_id, tok.unk_id, tok.encode("face")[1].item()]
+    # the vocabulary is exactly the training words plus the specials
+    words = {w for t in TEXTS for w in re.findall(r"[a-z]+", t.lower().replace("é", "e"))}
+    assert tok.vocab_size == len(words) + 3
+    again = TextTokenizer.from_json(tok.to_json())
+    assert again.tokens("red heart, coffee.") == ["red", "heart", "coffee"]
+    small = TextTokenizer.fit(TEXTS, vocab_size=5, model="word")  # 3 specials + the 2 commonest words
+    assert small.vocab_size == 5 and set(small.tokens("face hand heart")) <= {"face", "hand", "heart", "[UNK]"}
+
+
+def test_word_tokenizer_min_frequency_maps_rare_words_to_unk() -> None:
+    tok = TextTokenizer.fit(TEXTS, vocab_size=200, min_frequency=2, model="word")
+    # words seen at least twice in TEXTS: face, waving, hand, heart
+    assert tok.vocab_size == 3 + 4
+    assert tok.tokens("grinning face, red heart") == ["[UNK]", "face", "[UNK]", "heart"]
+    assert tok.encode("waving grin").tolist() == [tok.cls_id, tok.encode("waving")[1].item(), tok.unk_id]
+
+
+def test_tokenizer_rejects_unknown_model() -> None:
+    with pytest.raises(ValueError, match="model must be one of"):
+        TextTokenizer.fit(TEXTS, model="bpe")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ series

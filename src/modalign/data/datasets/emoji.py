@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from modalign.core.errors import DataError
+from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
 from modalign.data.transforms.image import ImageTransform, load_image
-from modalign.data.transforms.text import TextTokenizer
+from modalign.data.transforms.text import TOKENIZER_MODELS, TextTokenizer, TokenizerModel
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,13 @@ class EmojiDataset(MultimodalDataset):
         artifacts: ``{"tokenizer.json": ...}`` from the train split's ``artifacts()``; required
             by the test split, optional for train (otherwise the tokenizer is fitted).
         image_size: Image side in pixels (the PNGs are 64).
-        vocab_size: Largest WordPiece vocabulary fitted on the train texts.
+        vocab_size: Largest vocabulary fitted on the train texts.
         max_tokens: Longest token sequence (``[CLS]`` included).
+        tokenizer: Tokenizer model fitted on the train texts: ``"wordpiece"`` or ``"word"``
+            (whole words, punctuation dropped; see :mod:`modalign.data.transforms.text`).
+        min_frequency: Fewest train-text occurrences for a vocabulary entry. With ``2`` and the
+            word model, words seen once map to ``[UNK]``, so ``[UNK]`` is trained (as "a rare
+            word") rather than left at its random initialisation for held-out words.
         train_variants: Include skin-tone variants in the train split.
         test_variants: Include skin-tone variants in the test split (default: bases only, so
             retrieval chance is 10/400 at R@10).
@@ -177,6 +182,8 @@ class EmojiDataset(MultimodalDataset):
         max_tokens: int = 32,
         train_variants: bool = True,
         test_variants: bool = False,
+        tokenizer: TokenizerModel = "wordpiece",
+        min_frequency: int = 1,
     ) -> None:
         check_split(NAME, split)
         base = resolve_data_root(root)
@@ -200,16 +207,21 @@ class EmojiDataset(MultimodalDataset):
         self.entries = [
             e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)
         ]
-        self.tokenizer = self._tokenizer(artifacts or {}, vocab_size)
+        self.tokenizer = self._tokenizer(artifacts or {}, vocab_size, tokenizer, min_frequency)
         self._tokens = [self.tokenizer.encode(e.text, max_tokens) for e in self.entries]
         self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
         folder = base / IMAGES
         self._images = np.stack([self.image_tf.prepare(load_image(folder / e.image)) for e in self.entries])
 
-    def _tokenizer(self, artifacts: dict[str, str], vocab_size: int) -> TextTokenizer:
+    def _tokenizer(
+        self, artifacts: dict[str, str], vocab_size: int, model: TokenizerModel, min_frequency: int
+    ) -> TextTokenizer:
         if TOKENIZER_FILE in artifacts:
             return TextTokenizer.from_json(artifacts[TOKENIZER_FILE])
-        return TextTokenizer.fit([e.text for e in self.entries], vocab_size=vocab_size)
+        if model not in TOKENIZER_MODELS:
+            raise ConfigError("data.tokenizer", f"unknown tokenizer model {model!r}", list(TOKENIZER_MODELS))
+        texts = [e.text for e in self.entries]
+        return TextTokenizer.fit(texts, vocab_size=vocab_size, min_frequency=min_frequency, model=model)
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""

@@ -1,28 +1,43 @@
-"""A trainable WordPiece tokenizer (HF ``tokenizers``) and the text transform.
+"""A trainable tokenizer (HF ``tokenizers``) and the text transform.
 
-Normalisation: Unicode NFD, lowercase, strip accents; pre-tokenisation: BERT's (whitespace and
-punctuation); model: WordPiece (Wu et al. 2016, "Google's Neural Machine Translation System")
-with ``##`` continuation pieces. Special tokens: ``[PAD]`` (id 0, the padding id collation
-uses), ``[UNK]`` and ``[CLS]`` (first token of every encoding, a pooling slot for encoders).
+Normalisation: Unicode NFD, lowercase, strip accents. Two models, both fitted on training text:
+
+- ``"wordpiece"``: BERT's pre-tokenisation (whitespace and punctuation, punctuation kept as
+  tokens) and WordPiece (Wu et al. 2016, "Google's Neural Machine Translation System") with
+  ``##`` continuation pieces. Suits sequence encoders: nothing is out of vocabulary.
+- ``"word"``: whole words (runs of letters and digits; punctuation is dropped) in a word-level
+  vocabulary of the most frequent words, rarer ones mapping to ``[UNK]``. Suits bag-of-words
+  encoders on keyword-like text (CLDR tags, labels): every token is a content word, so none of
+  the ``max_tokens`` budget or the mean is spent on commas, and a word keeps one embedding
+  instead of being split into pieces shared with unrelated words.
+
+Special tokens: ``[PAD]`` (id 0, the padding id collation uses), ``[UNK]`` and ``[CLS]`` (first
+token of every encoding, a pooling slot for encoders).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor
 
 from modalign.core.errors import DataError
 
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
 SPECIAL_TOKENS = (PAD, UNK, CLS)
+#: Tokenizer models :meth:`TextTokenizer.fit` can train.
+TokenizerModel = Literal["wordpiece", "word"]
+TOKENIZER_MODELS: tuple[str, ...] = get_args(TokenizerModel)
+#: Word tokenizer delimiters: any run of characters that are neither letters nor digits.
+NON_WORD = r"[^\p{L}\p{N}]+"
 
 
 class TextTokenizer:
-    """WordPiece tokenizer with ``[PAD] = 0``, ``[UNK]`` and ``[CLS]``.
+    """WordPiece or word-level tokenizer with ``[PAD] = 0``, ``[UNK]`` and ``[CLS]``.
 
     Build one with :meth:`fit` (on training texts) or load one with :meth:`from_json` /
     :meth:`from_file`; :meth:`to_json` serialises it for the run directory.
@@ -39,25 +54,36 @@ class TextTokenizer:
         self.cls_id = int(cls)
 
     @classmethod
-    def fit(cls, texts: list[str], vocab_size: int = 4000, min_frequency: int = 1) -> TextTokenizer:
-        """Train a WordPiece vocabulary of at most ``vocab_size`` entries on ``texts``.
+    def fit(
+        cls, texts: list[str], vocab_size: int = 4000, min_frequency: int = 1, model: TokenizerModel = "wordpiece"
+    ) -> TextTokenizer:
+        """Train a ``model`` vocabulary (see the module doc) of at most ``vocab_size`` entries.
 
         Raises:
             DataError: If ``texts`` is empty or holds no non-blank text.
+            ValueError: If ``model`` is not one of ``TOKENIZER_MODELS`` or ``vocab_size`` is too small.
         """
+        if model not in TOKENIZER_MODELS:
+            raise ValueError(f"TextTokenizer.fit: model must be one of {TOKENIZER_MODELS}, got {model!r}")
         if not any(t.strip() for t in texts):
             raise DataError("TextTokenizer.fit: no non-empty text to train on")
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"TextTokenizer.fit: vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
-        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        specials = list(SPECIAL_TOKENS)
+        trainer: trainers.Trainer
+        if model == "wordpiece":
+            tok = Tokenizer(models.WordPiece(unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            trainer = trainers.WordPieceTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+            )
+        else:
+            tok = Tokenizer(models.WordLevel(unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
+            trainer = trainers.WordLevelTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+            )
         tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
-            show_progress=False,
-        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
@@ -99,7 +125,7 @@ class TextTokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def tokens(self, text: str) -> list[str]:
-        """The WordPiece strings of ``text`` (no specials), for inspection."""
+        """The token strings of ``text`` (no specials), for inspection."""
         return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
     def encode(self, text: str, max_tokens: int = 32) -> Tensor:
