@@ -22,7 +22,7 @@ counted in ``n_skipped`` and listed in ``skipped``.
 Splits: ``train_file`` is the training split and ``test_file`` the test split. Without a
 ``test_file`` the test split is a hold-out of 10% of ``train_file``'s rows (at least one),
 drawn with ``seed``: build both splits with the same seed. State fitted on the train split
-(one WordPiece tokenizer per text column, per-channel statistics per series column) is
+(one tokenizer per text column, per-channel statistics per series column) is
 returned by ``artifacts()`` and must be passed to the test split.
 """
 

@@ -1,4 +1,4 @@
-"""Per-modality transforms: image, audio (log-mel), text (WordPiece tokens), series.
+"""Per-modality transforms: image, audio (log-mel), text (WordPiece or word tokens), series.
 
 Each turns one raw value into the tensor a dataset yields (see ``modalign.data.base``);
 random augmentation draws from the global torch RNG.
