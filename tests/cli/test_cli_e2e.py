@@ -59,6 +59,24 @@ def test_train_av_digits_beats_chance_and_eval_embed(data_root, tmp_path):
     assert np.allclose(np.linalg.norm(arrays["embeddings/audio"], axis=1), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_emoji_recipe_word_tokenizer_end_to_end(data_root, tmp_path):
+    """The committed emoji recipe (word tokenizer, min_frequency 2) trains, saves its word
+    vocabulary, and re-evaluates from the run directory to the same figures."""
+    run = tmp_path / "run"
+    _train(["emoji-clip", "train.epochs=4", "eval.probe=false", "eval.plots=false", "--run-dir", str(run),
+            "--data-root", str(data_root)])  # fmt: skip
+    metrics = json.loads((run / "eval.json").read_text())
+    # 400 held-out emoji: chance for R@10 is 0.025
+    assert metrics["image->text/R@10"] > 0.1, metrics
+    assert metrics["text->image/R@10"] > 0.1, metrics
+    vocab = json.loads((run / "artifacts" / "tokenizer.json").read_text())
+    assert vocab["model"]["type"] == "WordLevel"
+    again = runner.invoke(app, ["eval", str(run)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((run / "eval.json").read_text()) == pytest.approx(metrics)
+
+
 def test_resume_equals_uninterrupted(data_root, tmp_path):
     common = ["basicmotions-clip", "train.epochs=6", "train.log_every=1", "--data-root", str(data_root)]
     _train([*common, "--run-dir", str(tmp_path / "full")])
