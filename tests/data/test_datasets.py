@@ -235,7 +235,7 @@ def test_emoji_word_tokenizer(data_root: Path, emoji_train: EmojiDataset) -> Non
     # every training word is in the vocabulary; held-out words it never saw map to [UNK]
     assert all(t != train.tokenizer.unk_id for i in range(len(train)) for t in train[i].values["text"].tolist())
     assert any(train.tokenizer.unk_id in test[i].values["text"].tolist() for i in range(len(test)))
-    with pytest.raises(ConfigError, match=r"data\.tokenizer.*allowed: wordpiece, word"):
+    with pytest.raises(ValueError, match=r"model must be one of \('wordpiece', 'word'\), got 'bpe'"):
         EmojiDataset(root=data_root, split="train", tokenizer="bpe", image_size=8)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"data\.tokenizer: invalid value 'bpe'"):
         check_component("dataset", {"name": "emoji", "tokenizer": "bpe"}, "data")

@@ -237,6 +237,16 @@ def test_holdout_split_and_artifacts(tmp_path: Path, rows: list[dict[str, Any]])
     assert {other[i].id for i in range(len(other))} != test_ids
 
 
+def test_word_tokenizer_option(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    path = _write_jsonl(tmp_path / "m.jsonl", rows)
+    ds = _dataset(path, tokenizer="word", min_frequency=2)
+    tok = ds.tokenizers["caption"]
+    # words in at least two of the ten captions: a, red, green, blue, square, circle, dot
+    assert tok.vocab_size == 3 + 7
+    assert tok.tokens("a big red squares!") == ["a", "[UNK]", "red", "[UNK]"]
+    assert ds[0].values["caption"].tolist() == tok.encode(rows[0]["caption"], 8).tolist()
+
+
 def test_ids_and_unseen_test_labels(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
     train_path = _write_jsonl(tmp_path / "train.jsonl", rows)
     test_rows = [{**rows[0], "colour": "purple"}, {**rows[1], "id": 42}, {**rows[2], "id": "item-0"}]

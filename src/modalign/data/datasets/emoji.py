@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from modalign.core.errors import ConfigError, DataError
+from modalign.core.errors import DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
 from modalign.data.transforms.image import ImageTransform, load_image
-from modalign.data.transforms.text import TOKENIZER_MODELS, TextTokenizer, TokenizerModel
+from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -207,21 +207,17 @@ class EmojiDataset(MultimodalDataset):
         self.entries = [
             e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)
         ]
-        self.tokenizer = self._tokenizer(artifacts or {}, vocab_size, tokenizer, min_frequency)
+        self.tokenizer = self._tokenizer(artifacts or {}, TokenizerSettings(tokenizer, vocab_size, min_frequency))
         self._tokens = [self.tokenizer.encode(e.text, max_tokens) for e in self.entries]
         self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
         folder = base / IMAGES
         self._images = np.stack([self.image_tf.prepare(load_image(folder / e.image)) for e in self.entries])
 
-    def _tokenizer(
-        self, artifacts: dict[str, str], vocab_size: int, model: TokenizerModel, min_frequency: int
-    ) -> TextTokenizer:
+    def _tokenizer(self, artifacts: dict[str, str], tok: TokenizerSettings) -> TextTokenizer:
         if TOKENIZER_FILE in artifacts:
             return TextTokenizer.from_json(artifacts[TOKENIZER_FILE])
-        if model not in TOKENIZER_MODELS:
-            raise ConfigError("data.tokenizer", f"unknown tokenizer model {model!r}", list(TOKENIZER_MODELS))
         texts = [e.text for e in self.entries]
-        return TextTokenizer.fit(texts, vocab_size=vocab_size, min_frequency=min_frequency, model=model)
+        return TextTokenizer.fit(texts, vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, model=tok.model)
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""

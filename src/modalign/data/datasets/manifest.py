@@ -63,7 +63,7 @@ from modalign.data.manifest_io import (
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.series import SeriesTransform
-from modalign.data.transforms.text import TextTokenizer, TextTransform, TokenizerModel
+from modalign.data.transforms.text import TextTokenizer, TextTransform, TokenizerModel, TokenizerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class ManifestDataset(MultimodalDataset):
         max_seconds: Longest audio clip kept (longer ones are cropped).
         vocab_size: Largest vocabulary per text column. max_tokens: tokens per text.
         tokenizer: Tokenizer model fitted per text column, ``"wordpiece"`` or ``"word"``.
+        min_frequency: Fewest train occurrences for a vocabulary entry (rarer ones -> ``[UNK]``).
 
     Raises:
         DataError: Naming the manifest, 1-based data row, column, file and reason of a bad
@@ -126,6 +127,7 @@ class ManifestDataset(MultimodalDataset):
         vocab_size: int = 8000,
         max_tokens: int = 64,
         tokenizer: TokenizerModel = "wordpiece",
+        min_frequency: int = 1,
     ) -> None:
         check_split(NAME, split)
         self.split, self.seed, self.skip_bad = split, seed, skip_bad
@@ -148,7 +150,7 @@ class ManifestDataset(MultimodalDataset):
         self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length, augment=self.augment)
         self._rows = self._decode_rows(rows, self._split_indices(len(rows), test_file is None))
-        self._fit(artifacts or {}, vocab_size, max_tokens, tokenizer)
+        self._fit(artifacts or {}, TokenizerSettings(tokenizer, vocab_size, min_frequency), max_tokens)
 
     def _choose_kinds(
         self, columns: list[str], rows: list[dict[str, Any]], modalities: dict[str, str] | None, id_column: str
@@ -303,7 +305,7 @@ class ManifestDataset(MultimodalDataset):
             )
         return None
 
-    def _fit(self, artifacts: dict[str, str], vocab_size: int, max_tokens: int, model: TokenizerModel) -> None:
+    def _fit(self, artifacts: dict[str, str], tok: TokenizerSettings, max_tokens: int) -> None:
         """Build per-column text tokenizers and series statistics; encode the texts once."""
         self.tokenizers: dict[str, TextTokenizer] = {}
         self._series_tf: dict[str, SeriesTransform] = {}
@@ -311,7 +313,7 @@ class ManifestDataset(MultimodalDataset):
         for col, kind in self.kinds.items():
             present = [r.values[col] for r in self._rows if col in r.values]
             if kind == "text":
-                self.tokenizers[col] = self._tokenizer(col, artifacts, present, vocab_size, model)
+                self.tokenizers[col] = self._tokenizer(col, artifacts, present, tok)
                 text_tf = TextTransform(self.tokenizers[col], max_tokens)
                 for r in self._rows:
                     if col in r.values:
@@ -320,7 +322,7 @@ class ManifestDataset(MultimodalDataset):
                 self._series_tf[col] = self._series_transform(col, artifacts, present)
 
     def _tokenizer(
-        self, col: str, artifacts: dict[str, str], texts: list[str], vocab_size: int, model: TokenizerModel
+        self, col: str, artifacts: dict[str, str], texts: list[str], tok: TokenizerSettings
     ) -> TextTokenizer:
         key = f"tokenizer-{col}.json"
         stored = self._need(artifacts, key)
@@ -330,7 +332,7 @@ class ManifestDataset(MultimodalDataset):
             except DataError as e:
                 raise DataError(f"artifact {key!r}: {e}") from None
         try:
-            return TextTokenizer.fit(texts, vocab_size=vocab_size, model=model)
+            return TextTokenizer.fit(texts, vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, model=tok.model)
         except DataError as e:
             raise DataError(f"manifest {str(self.path)!r}, text column {col!r}: {e}") from None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -34,6 +34,14 @@ TokenizerModel = Literal["wordpiece", "word"]
 TOKENIZER_MODELS: tuple[str, ...] = get_args(TokenizerModel)
 #: Word tokenizer delimiters: any run of characters that are neither letters nor digits.
 NON_WORD = r"[^\p{L}\p{N}]+"
+
+
+class TokenizerSettings(NamedTuple):
+    """What :meth:`TextTokenizer.fit` is told: model, vocabulary cap and minimum frequency."""
+
+    model: TokenizerModel = "wordpiece"
+    vocab_size: int = 4000
+    min_frequency: int = 1
 
 
 class TextTokenizer:
