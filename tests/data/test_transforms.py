@@ -260,8 +260,8 @@ def test_word_tokenizer_keeps_whole_words_and_drops_punctuation() -> None:
     assert tok.vocab_size == len(words) + 3
     again = TextTokenizer.from_json(tok.to_json())
     assert again.tokens("red heart, coffee.") == ["red", "heart", "coffee"]
-    small = TextTokenizer.fit(TEXTS, vocab_size=5, model="word")  # 3 specials + the 2 commonest words
-    assert small.vocab_size == 5 and set(small.tokens("face hand heart")) <= {"face", "hand", "heart", "[UNK]"}
+    small = TextTokenizer.fit(TEXTS, vocab_size=5, model="word")  # 3 specials + 2 of the 4 words seen twice
+    assert small.vocab_size == 5 and small.tokens("face hand heart waving").count("[UNK]") == 2
 
 
 def test_word_tokenizer_min_frequency_maps_rare_words_to_unk() -> None:

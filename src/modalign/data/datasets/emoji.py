@@ -207,7 +207,8 @@ class EmojiDataset(MultimodalDataset):
         self.entries = [
             e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)
         ]
-        self.tokenizer = self._tokenizer(artifacts or {}, TokenizerSettings(tokenizer, vocab_size, min_frequency))
+        settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
+        self.tokenizer = self._tokenizer(artifacts or {}, settings)
         self._tokens = [self.tokenizer.encode(e.text, max_tokens) for e in self.entries]
         self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
         folder = base / IMAGES
@@ -217,7 +218,7 @@ class EmojiDataset(MultimodalDataset):
         if TOKENIZER_FILE in artifacts:
             return TextTokenizer.from_json(artifacts[TOKENIZER_FILE])
         texts = [e.text for e in self.entries]
-        return TextTokenizer.fit(texts, vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, model=tok.model)
+        return TextTokenizer.fit(texts, **tok._asdict())
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""

@@ -150,7 +150,8 @@ class ManifestDataset(MultimodalDataset):
         self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length, augment=self.augment)
         self._rows = self._decode_rows(rows, self._split_indices(len(rows), test_file is None))
-        self._fit(artifacts or {}, TokenizerSettings(tokenizer, vocab_size, min_frequency), max_tokens)
+        settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
+        self._fit(artifacts or {}, settings, max_tokens)
 
     def _choose_kinds(
         self, columns: list[str], rows: list[dict[str, Any]], modalities: dict[str, str] | None, id_column: str
@@ -332,7 +333,7 @@ class ManifestDataset(MultimodalDataset):
             except DataError as e:
                 raise DataError(f"artifact {key!r}: {e}") from None
         try:
-            return TextTokenizer.fit(texts, vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, model=tok.model)
+            return TextTokenizer.fit(texts, **tok._asdict())
         except DataError as e:
             raise DataError(f"manifest {str(self.path)!r}, text column {col!r}: {e}") from None
 

@@ -37,7 +37,7 @@ NON_WORD = r"[^\p{L}\p{N}]+"
 
 
 class TokenizerSettings(NamedTuple):
-    """What :meth:`TextTokenizer.fit` is told: model, vocabulary cap and minimum frequency."""
+    """The keyword arguments of :meth:`TextTokenizer.fit` besides the texts (``fit(texts, **s._asdict())``)."""
 
     model: TokenizerModel = "wordpiece"
     vocab_size: int = 4000
