@@ -31,6 +31,8 @@ N = 8
 # (rows on rank 0, rows on rank 1): equal, uneven and one empty rank
 SPLITS = [(4, 4), (3, 5), (0, 8)]
 IDS = torch.tensor([0, 1, 2, 5, 4, 5, 6, 1])  # ids 1 and 5 repeat across the rank boundary
+IDS_B = torch.tensor([9, 8, 7, 6, 9, 4, 3, 2])  # rows 0 and 4 share their b content
+KINDS = ("infonce", "sigmoid", "multi_positive")
 
 pytestmark = [
     pytest.mark.ddp,
@@ -48,13 +50,15 @@ def global_batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return a, b, torch.tensor(1.2, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
 
 
-def run_loss(kind: str, a: Tensor, b: Tensor, ids: Tensor, gather: bool) -> dict[str, Tensor]:
+def run_loss(kind: str, a: Tensor, b: Tensor, ids: Tensor, ids_b: Tensor, gather: bool) -> dict[str, Tensor]:
     """Loss and gradients wrt a, b, scale (and bias) for one slice."""
     _, _, scale0, bias0 = global_batch()
     a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
     scale, bias = scale0.clone().requires_grad_(), bias0.clone().requires_grad_()
     if kind == "infonce":
         loss = infonce_loss(a, b, scale, ids=ids, gather=gather)
+    elif kind == "multi_positive":
+        loss = infonce_loss(a, b, scale, ids=ids, gather=gather, ids_b=ids_b, multi_positive=True)
     else:
         loss = sigmoid_loss(a, b, scale, bias, ids=ids, gather=gather)
     loss.backward()
@@ -75,8 +79,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for split in SPLITS:
             lo = sum(split[:rank])
             sl = slice(lo, lo + split[rank])
-            for kind in ("infonce", "sigmoid"):
-                results[f"{kind}{split}"] = run_loss(kind, a[sl], b[sl], IDS[sl], gather=True)
+            for kind in KINDS:
+                results[f"{kind}{split}"] = run_loss(kind, a[sl], b[sl], IDS[sl], IDS_B[sl], gather=True)
         x = torch.full((rank + 1, 2), float(rank), requires_grad=True)
         gathered = mdist.all_gather_with_grad(x)
         (gathered * torch.arange(1.0, 4.0)[:, None]).sum().backward()
@@ -125,13 +129,13 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dic
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("split", SPLITS, ids=[f"{x}+{y}" for x, y in SPLITS])
 def test_gathered_loss_and_gradients_equal_single_process(
     rank_results: list[dict[str, dict[str, Tensor]]], kind: str, split: tuple[int, int]
 ) -> None:
     a, b, _, _ = global_batch()
-    single = run_loss(kind, a, b, IDS, gather=False)
+    single = run_loss(kind, a, b, IDS, IDS_B, gather=False)
     per_rank = [r[f"{kind}{split}"] for r in rank_results]
     loss = sum(r["loss"] for r in per_rank) / WORLD
     torch.testing.assert_close(loss, single["loss"], atol=1e-6, rtol=0)
@@ -145,7 +149,7 @@ def test_gathered_loss_and_gradients_equal_single_process(
 def test_gathered_loss_differs_from_local_loss(rank_results: list[dict[str, dict[str, Tensor]]]) -> None:
     """Guard against a gather that silently stays local: the local half-batch loss is different."""
     a, b, _, _ = global_batch()
-    local = run_loss("infonce", a[:4], b[:4], IDS[:4], gather=False)["loss"]
+    local = run_loss("infonce", a[:4], b[:4], IDS[:4], IDS_B[:4], gather=False)["loss"]
     assert abs(float(local) - float(rank_results[0]["infonce(4, 4)"]["loss"])) > 1e-3
 
 

@@ -126,12 +126,9 @@ def test_bad_inputs_raise(a: Tensor, b: Tensor, scale: Tensor, ids: Tensor | Non
         infonce_loss(a, b, scale, ids=ids)
 
 
-def make_outputs(n: int, scale: float | None = 2.0) -> tuple[Outputs, Batch]:
+def make_outputs(n: int) -> tuple[Outputs, Batch]:
     emb = {"image": normed(n, 4, 11, torch.float32).requires_grad_(), "text": normed(n, 4, 12, torch.float32)}
-    logit_scale = torch.tensor(scale, requires_grad=True) if scale is not None else None
-    outputs = Outputs(embeddings=emb, logit_scale=logit_scale)
-    batch = Batch(data={}, present={}, ids=torch.arange(n))
-    return outputs, batch
+    return Outputs(embeddings=emb), Batch(data={}, present={}, ids=torch.arange(n))
 
 
 def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
@@ -141,25 +138,28 @@ def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
         "text": torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool),
     }
     batch.ids = torch.tensor([0, 1, 2, 1, 4, 5])
-    obj = create("objective", "infonce", modalities=["image", "text"])
+    obj = create("objective", "infonce", modalities=["image", "text"], temperature=math.exp(-2.0))
     assert isinstance(obj, InfoNCE)
     out = obj(outputs, batch)
     keep = torch.tensor([0, 1, 3, 5])
     a, b = outputs.embeddings["image"][keep], outputs.embeddings["text"][keep]
-    assert outputs.logit_scale is not None
-    torch.testing.assert_close(out.loss, infonce_loss(a, b, outputs.logit_scale, batch.ids[keep]))
-    assert out.parts == {"infonce": out.loss}
+    torch.testing.assert_close(out.loss, infonce_loss(a, b, torch.tensor(2.0), batch.ids[keep]))
     assert out.metrics["temperature"] == pytest.approx(math.exp(-2.0))
     assert out.metrics["paired"] == 4
     assert 0.0 <= out.metrics["acc_a2b"] <= 1.0 and 0.0 <= out.metrics["acc_b2a"] <= 1.0
+    out.loss.backward()
+    assert obj.scale.logit_scale.grad is not None
+
+
+def test_module_temperature_is_clamped_and_can_be_fixed() -> None:
+    obj = InfoNCE(["image", "text"], temperature=0.001, max_logit_scale=50.0, learn_temperature=False)
+    assert obj.scale().item() == pytest.approx(math.log(50.0))
+    assert not obj.scale.logit_scale.requires_grad
 
 
 def test_module_accuracy_is_one_for_aligned_embeddings() -> None:
     eye = torch.eye(5)
-    out = InfoNCE(["a", "b"])(
-        Outputs(embeddings={"a": eye, "b": eye}, logit_scale=torch.tensor(1.0)),
-        Batch(data={}, present={}, ids=torch.arange(5)),
-    )
+    out = InfoNCE(["a", "b"])(Outputs(embeddings={"a": eye, "b": eye}), Batch(data={}, present={}, ids=torch.arange(5)))
     assert out.metrics["acc_a2b"] == 1.0 and out.metrics["acc_b2a"] == 1.0
 
 
@@ -174,14 +174,106 @@ def test_module_with_fewer_than_two_pairs_gives_connected_zero(paired: int) -> N
     assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
 
 
-def test_module_errors_name_the_problem() -> None:
-    outputs, batch = make_outputs(4, scale=None)
-    with pytest.raises(ValueError, match="logit_scale"):
-        InfoNCE(["image", "text"])(outputs, batch)
+def test_module_with_a_modality_absent_from_the_batch_gives_connected_zero() -> None:
     outputs, batch = make_outputs(4)
-    with pytest.raises(ConfigError, match=r"'audio'.*allowed: image, text"):
-        InfoNCE(["image", "audio"])(outputs, batch)
+    del outputs.embeddings["text"]
+    out = InfoNCE(["image", "text"])(outputs, batch)
+    assert out.loss.item() == 0.0 and out.metrics["paired"] == 0
+    out.loss.backward()
+    assert outputs.embeddings["image"].grad is not None
+
+
+def test_module_errors_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="two distinct"):
         InfoNCE(["image"])
     with pytest.raises(ConfigError, match="two distinct"):
         InfoNCE(["image", "image"])
+    with pytest.raises(ValueError, match="no modalities given"):
+        _ = InfoNCE().modalities
+
+
+def test_bind_resolves_and_checks_modalities() -> None:
+    model = torch.nn.Module()
+    model.modalities = ("audio", "image")  # type: ignore[assignment]
+    obj = InfoNCE()
+    obj.bind(model)
+    assert obj.modalities == ("audio", "image")
+    with pytest.raises(ConfigError, match=r"modalities: infonce: the model has no encoder for \['text'\]"):
+        InfoNCE(["image", "text"]).bind(model)
+    model.modalities = ("audio", "image", "text")  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="two distinct"):
+        InfoNCE().bind(model)
+
+
+# ---- per-modality ids and multi-positive InfoNCE ------------------------------------------------
+
+
+def loop_multi_positive(a: Tensor, b: Tensor, logit_scale: Tensor, ids_a: list[int], ids_b: list[int]) -> Tensor:
+    """-1/|P_i| sum_{j in P_i} log softmax_j, both directions, with P_i = same a or same b content."""
+    n = a.shape[0]
+    s = torch.exp(logit_scale)
+    total = torch.zeros((), dtype=a.dtype)
+    for q, k in ((a, b), (b, a)):
+        for i in range(n):
+            logits = torch.stack([s * (q[i] * k[j]).sum() for j in range(n)])
+            log_norm = torch.log(logits.exp().sum())
+            pos = [j for j in range(n) if ids_a[j] == ids_a[i] or ids_b[j] == ids_b[i]]
+            total = total - sum(logits[j] - log_norm for j in pos) / len(pos)
+    return total / (2 * n)
+
+
+def loop_masked_two_ids(a: Tensor, b: Tensor, logit_scale: Tensor, ids_a: list[int], ids_b: list[int]) -> Tensor:
+    """InfoNCE whose softmax leaves out every other same-content row (same a or same b)."""
+    n = a.shape[0]
+    s = torch.exp(logit_scale)
+    total = torch.zeros((), dtype=a.dtype)
+    for q, k in ((a, b), (b, a)):
+        for i in range(n):
+            keep = [j for j in range(n) if j == i or (ids_a[j] != ids_a[i] and ids_b[j] != ids_b[i])]
+            terms = torch.stack([s * (q[i] * k[j]).sum() for j in keep])
+            total = total + torch.log(terms.exp().sum()) - s * (q[i] * k[i]).sum()
+    return total / (2 * n)
+
+
+IDS_A = [0, 1, 2, 3, 1, 5]
+IDS_B = [7, 8, 7, 9, 10, 11]  # rows 0 and 2 share a b; rows 1 and 4 share an a
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_two_id_sets_match_loop_reference_value_and_gradient(multi: bool) -> None:
+    a, b = normed(6, 4, 20).requires_grad_(), normed(6, 4, 21).requires_grad_()
+    scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    loss = infonce_loss(a, b, scale, torch.tensor(IDS_A), ids_b=torch.tensor(IDS_B), multi_positive=multi)
+    ref_fn = loop_multi_positive if multi else loop_masked_two_ids
+    ref = ref_fn(a, b, scale, IDS_A, IDS_B)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(loss, (a, b, scale))
+    want = torch.autograd.grad(ref, (a, b, scale))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_multi_positive_with_distinct_ids_equals_plain_infonce() -> None:
+    a, b = normed(7, 3, 30), normed(7, 3, 31)
+    s = torch.tensor(2.0, dtype=torch.float64)
+    torch.testing.assert_close(infonce_loss(a, b, s, multi_positive=True), infonce_loss(a, b, s))
+
+
+def test_multi_positive_minimum_is_log_of_positive_count_for_duplicates() -> None:
+    # two copies of each item, perfectly aligned, at a huge scale: each row's positives split the
+    # probability evenly, so the loss tends to log(2)
+    base = torch.eye(3, dtype=torch.float64)
+    a = torch.cat([base, base])
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = infonce_loss(a, a.clone(), torch.tensor(6.0, dtype=torch.float64), ids, multi_positive=True)
+    assert loss.item() == pytest.approx(math.log(2.0), abs=1e-3)
+
+
+def test_module_reads_per_modality_ids() -> None:
+    outputs, batch = make_outputs(6)
+    batch.ids = torch.tensor(IDS_A)
+    batch.modality_ids = {"text": torch.tensor(IDS_B)}
+    obj = InfoNCE(["image", "text"], temperature=1.0, multi_positive=True)
+    a, b = outputs.embeddings["image"], outputs.embeddings["text"]
+    want = infonce_loss(a, b, torch.tensor(0.0), batch.ids, ids_b=torch.tensor(IDS_B), multi_positive=True)
+    torch.testing.assert_close(obj(outputs, batch).loss, want)

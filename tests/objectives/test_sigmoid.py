@@ -122,34 +122,47 @@ def test_bad_inputs_raise(a: Tensor, b: Tensor, bias: Tensor, match: str) -> Non
         sigmoid_loss(a, b, torch.tensor(1.0), bias)
 
 
-def make_outputs(n: int, bias: float | None = -3.0) -> tuple[Outputs, Batch]:
+def make_outputs(n: int) -> tuple[Outputs, Batch]:
     emb = {"audio": normed(n, 4, 11, torch.float32).requires_grad_(), "text": normed(n, 4, 12, torch.float32)}
-    outputs = Outputs(
-        embeddings=emb, logit_scale=torch.tensor(1.0), logit_bias=torch.tensor(bias) if bias is not None else None
-    )
-    return outputs, Batch(data={}, present={}, ids=torch.arange(n))
+    return Outputs(embeddings=emb), Batch(data={}, present={}, ids=torch.arange(n))
 
 
 def test_module_uses_only_paired_rows_and_reports_metrics() -> None:
     outputs, batch = make_outputs(5)
     batch.present = {"audio": torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool)}
-    obj = create("objective", "sigmoid", modalities=["audio", "text"])
+    obj = create("objective", "sigmoid", modalities=["audio", "text"], temperature=math.exp(-1.0), bias=-3.0)
     assert isinstance(obj, SigmoidLoss)
     out = obj(outputs, batch)
     keep = torch.tensor([0, 2, 3, 4])
-    assert outputs.logit_scale is not None and outputs.logit_bias is not None
     want = sigmoid_loss(
         outputs.embeddings["audio"][keep],
         outputs.embeddings["text"][keep],
-        outputs.logit_scale,
-        outputs.logit_bias,
+        torch.tensor(1.0),
+        torch.tensor(-3.0),
         batch.ids[keep],
     )
     torch.testing.assert_close(out.loss, want)
-    assert out.parts == {"sigmoid": out.loss}
     assert out.metrics["temperature"] == pytest.approx(math.exp(-1.0))
     assert out.metrics["bias"] == pytest.approx(-3.0) and out.metrics["paired"] == 4
     assert {"acc_a2b", "acc_b2a"} <= set(out.metrics)
+    out.loss.backward()
+    assert obj.logit_bias.grad is not None and obj.scale.logit_scale.grad is not None
+
+
+def test_module_per_modality_ids_make_a_shared_b_row_a_positive() -> None:
+    outputs, batch = make_outputs(4)
+    batch.modality_ids = {"text": torch.tensor([0, 1, 0, 2])}  # rows 0 and 2 share one text
+    obj = SigmoidLoss(["audio", "text"], temperature=1.0, bias=0.0)
+    a, b = outputs.embeddings["audio"], outputs.embeddings["text"]
+    want = sigmoid_loss(a, b, torch.tensor(0.0), torch.tensor(0.0), torch.arange(4), ids_b=torch.tensor([0, 1, 0, 2]))
+    torch.testing.assert_close(obj(outputs, batch).loss, want)
+    # the explicit positive-label formula: rows 0 and 2 are positives of each other
+    logits = (a @ b.T).detach().double()
+    labels = -torch.ones(4, 4, dtype=torch.float64)
+    labels[torch.arange(4), torch.arange(4)] = 1.0
+    labels[0, 2] = labels[2, 0] = 1.0
+    ref = -torch.nn.functional.logsigmoid(labels * logits).sum() / 4
+    torch.testing.assert_close(want.double().detach(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_module_with_fewer_than_two_pairs_gives_connected_zero() -> None:
@@ -161,9 +174,17 @@ def test_module_with_fewer_than_two_pairs_gives_connected_zero() -> None:
     assert outputs.embeddings["audio"].grad is not None
 
 
+def test_module_with_a_modality_absent_from_the_batch_gives_connected_zero() -> None:
+    outputs, batch = make_outputs(3)
+    del outputs.embeddings["text"]
+    out = SigmoidLoss(["audio", "text"])(outputs, batch)
+    assert out.loss.item() == 0.0 and out.metrics["paired"] == 0
+    out.loss.backward()
+    assert outputs.embeddings["audio"].grad is not None
+
+
 def test_module_errors_name_the_problem() -> None:
-    outputs, batch = make_outputs(4, bias=None)
-    with pytest.raises(ValueError, match="logit_bias"):
-        SigmoidLoss(["audio", "text"])(outputs, batch)
     with pytest.raises(ConfigError, match="two distinct"):
         SigmoidLoss(["audio", "text", "image"])
+    with pytest.raises(ConfigError, match="temperature: must be > 0"):
+        SigmoidLoss(["audio", "text"], temperature=0.0)

@@ -18,11 +18,13 @@ from modalign.core.types import (
     Batch,
     Embedder,
     EncoderOutput,
+    EpochContext,
     FusionOutput,
     LossOutput,
     ModalitySpec,
     Outputs,
     Sample,
+    StepContext,
 )
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "Embedder",
     "Encoder",
     "EncoderOutput",
+    "EpochContext",
     "Fusion",
     "FusionOutput",
     "LossOutput",
@@ -42,6 +45,7 @@ __all__ = [
     "Objective",
     "Outputs",
     "Sample",
+    "StepContext",
     "UnknownComponentError",
     "available",
     "create",

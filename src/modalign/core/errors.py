@@ -19,6 +19,7 @@ class ConfigError(ModalignError, ValueError):
         self, path: str, message: str, allowed: list[str] | None = None, suggestions: list[str] | None = None
     ) -> None:
         self.path = path
+        self.message = message
         self.allowed = allowed or []
         self.suggestions = suggestions or []
         text = f"{path}: {message}" if path else message
@@ -27,6 +28,11 @@ class ConfigError(ModalignError, ValueError):
         if self.allowed:
             text += f"; allowed: {', '.join(self.allowed)}"
         super().__init__(text)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key path placed under ``prefix`` (e.g. ``method.objectives.0``)."""
+        path = f"{prefix}.{self.path}" if self.path else prefix
+        return ConfigError(path, self.message, self.allowed, self.suggestions)
 
 
 class UnknownComponentError(ModalignError, KeyError):

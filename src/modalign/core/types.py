@@ -14,6 +14,7 @@ Conventions used in every shape annotation below:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -58,11 +59,15 @@ class Sample:
             for this sample is simply absent from the dict.
         labels: Evaluation-only labels ``{name: int}`` (e.g. ``digit``, ``speaker``); training
             never reads them.
+        modality_ids: ``{modality: int}`` content id of one modality's value where it differs
+            from ``id`` (av-digits: the recording an image is paired with, so a recording
+            reused in one batch is never its own negative). Absent: the sample id.
     """
 
     id: int
     values: dict[str, Any]
     labels: dict[str, int] = field(default_factory=dict)
+    modality_ids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,8 +78,10 @@ class Batch:
         data: ``{modality: Tensor[B, ...]}``; rows of absent samples are zeros.
         present: ``{modality: BoolTensor[B]}``; ``True`` where the modality was observed.
         padding: ``{modality: BoolTensor[B, T]}`` for sequence modalities; ``True`` = padded.
-        ids: ``LongTensor[B]`` sample ids (equal ids = same content).
+        ids: ``LongTensor[B]`` sample ids (equal ids = same sample).
         labels: ``{name: LongTensor[B]}`` evaluation-only labels, ``-1`` where unknown.
+        modality_ids: ``{modality: LongTensor[B]}`` content ids of one modality's rows where they
+            differ from ``ids``; read them through ``ids_of``.
     """
 
     data: dict[str, Tensor]
@@ -82,6 +89,7 @@ class Batch:
     ids: Tensor
     padding: dict[str, Tensor] = field(default_factory=dict)
     labels: dict[str, Tensor] = field(default_factory=dict)
+    modality_ids: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -92,6 +100,17 @@ class Batch:
     def modalities(self) -> tuple[str, ...]:
         """Modality names in sorted order."""
         return tuple(sorted(self.data))
+
+    def ids_of(self, modality: str) -> Tensor:
+        """``LongTensor[B]`` content ids of ``modality``'s rows (equal = same content)."""
+        return self.modality_ids.get(modality, self.ids)
+
+    def rows(self, modality: str) -> Tensor:
+        """``BoolTensor[B]``: rows where ``modality`` was observed (all rows if no mask is given)."""
+        mask = self.present.get(modality)
+        if mask is None:
+            return torch.ones(self.size, dtype=torch.bool, device=self.ids.device)
+        return mask
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Return a copy with every tensor moved to ``device``."""
@@ -105,6 +124,7 @@ class Batch:
             ids=self.ids.to(device, non_blocking=non_blocking),
             padding=move(self.padding),
             labels=move(self.labels),
+            modality_ids=move(self.modality_ids),
         )
 
     def select(self, modalities: tuple[str, ...] | list[str]) -> Batch:
@@ -116,6 +136,7 @@ class Batch:
             ids=self.ids,
             padding={k: v for k, v in self.padding.items() if k in keep},
             labels=self.labels,
+            modality_ids={k: v for k, v in self.modality_ids.items() if k in keep},
         )
 
 
@@ -149,25 +170,42 @@ class FusionOutput:
 
 @dataclass
 class Outputs:
-    """What a model hands to the objectives.
+    """What a method's ``forward`` hands to its objectives.
+
+    Row layout: every ``[B, ...]`` tensor has one row per sample of the batch. Encoders run only
+    on the rows where their modality was observed (``Batch.present``); the other rows are zeros
+    here (and their token padding is all ``True``). A modality absent from every row of the
+    batch is absent from these dicts.
 
     Attributes:
         embeddings: ``{modality: Tensor[B, E]}`` L2-normalised embeddings in the shared space.
-        tokens: ``{modality: Tensor[B, T, D]}`` per-modality token features.
+        projections: ``{modality: Tensor[B, E]}`` the same before normalisation (the heads'
+            raw output; VICReg and Barlow Twins read these).
+        tokens: ``{modality: Tensor[B, T, D]}`` per-modality token features of the encoder (or
+            of the fusion module where it rewrites them).
         padding: ``{modality: BoolTensor[B, T]}`` token padding masks (absent = no padding).
         fused: Joint representation ``Tensor[B, D]`` from a fusion module, or ``None``.
-        logit_scale: Scalar tensor, the *log* of the inverse temperature, or ``None``.
-        logit_bias: Scalar tensor (sigmoid losses), or ``None``.
-        extras: Method-specific tensors (reconstructions, matching logits, ...).
+        extras: Objective-specific tensors (matching logits, reconstructions, decoder logits),
+            keyed ``"<objective label>/<name>"`` by ``Method.forward``.
     """
 
     embeddings: dict[str, Tensor]
+    projections: dict[str, Tensor] = field(default_factory=dict)
     tokens: dict[str, Tensor] = field(default_factory=dict)
     padding: dict[str, Tensor] = field(default_factory=dict)
     fused: Tensor | None = None
-    logit_scale: Tensor | None = None
-    logit_bias: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def zero(self, *tensors: Tensor) -> Tensor:
+        """A zero loss connected to every embedding (and ``tensors``): its gradients are zeros.
+
+        Objectives return it when a batch gives them nothing to compare (e.g. a modality absent
+        from every row), so the backward pass and data-parallel gradient reduction still run.
+        """
+        total: Tensor | None = None
+        for t in [*self.embeddings.values(), *tensors]:
+            total = t.sum() if total is None else total + t.sum()
+        return torch.zeros(()) if total is None else 0.0 * total
 
 
 @dataclass
@@ -192,6 +230,42 @@ class LossOutput:
             parts={f"{prefix}/{k}": v for k, v in self.parts.items()},
             metrics={f"{prefix}/{k}": v for k, v in self.metrics.items()},
         )
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training stands, passed to the lifecycle hooks of methods and objectives.
+
+    Attributes:
+        step: Optimiser steps taken so far (after the step that triggered an ``after_step``).
+        epoch: Current epoch, 0-based.
+        total_steps: Optimiser steps of the whole run.
+        steps_per_epoch: Optimiser steps per epoch.
+    """
+
+    step: int
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in ``[0, 1]`` (momentum and temperature schedules)."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass(frozen=True)
+class EpochContext(StepContext):
+    """``StepContext`` at the start of an epoch, plus a way to read the whole training split.
+
+    Attributes:
+        batches: Returns a fresh, unshuffled pass over the training split (this epoch's
+            pairing, on the training device). Hooks that need whole-dataset statistics
+            (k-means pseudo-labels, prototype initialisation) iterate it; nothing reads the
+            data unless a hook calls it.
+    """
+
+    batches: Callable[[], Iterable[Batch]] = field(default=lambda: iter(()))
 
 
 @runtime_checkable

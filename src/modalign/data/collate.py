@@ -42,7 +42,9 @@ def collate(samples: Sequence[Sample | None], specs: dict[str, ModalitySpec]) ->
     """Collate samples into a ``Batch``; ``None`` entries (skipped bad samples) are dropped.
 
     A modality absent from a sample gets a zero row and ``present = False``. Sequence
-    modalities (audio, text, series) are right-padded to the longest in the batch.
+    modalities (audio, text, series) are right-padded to the longest in the batch. A modality
+    that any sample gives a ``modality_ids`` entry gets a ``Batch.modality_ids`` row for every
+    sample (the sample id where the entry is missing).
 
     Raises:
         DataError: If no sample is left, or fixed-shape values disagree in shape.
@@ -69,7 +71,9 @@ def collate(samples: Sequence[Sample | None], specs: dict[str, ModalitySpec]) ->
     label_names = sorted({k for s in kept for k in s.labels})
     labels = {k: torch.tensor([s.labels.get(k, -1) for s in kept], dtype=torch.long) for k in label_names}
     ids = torch.tensor([s.id for s in kept], dtype=torch.long)
-    return Batch(data=data, present=present, ids=ids, padding=padding, labels=labels)
+    id_names = sorted({k for s in kept for k in s.modality_ids})
+    modality_ids = {k: torch.tensor([s.modality_ids.get(k, s.id) for s in kept], dtype=torch.long) for k in id_names}
+    return Batch(data=data, present=present, ids=ids, padding=padding, labels=labels, modality_ids=modality_ids)
 
 
 class Collator:

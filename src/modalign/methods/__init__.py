@@ -1,9 +1,9 @@
-"""Named methods (kind ``method``): a model plus objectives behind ``training_step``.
+"""Methods: ``Method`` (a model plus weighted objectives) and the named presets (kind ``method``).
 
-Importing this package registers them.
+Importing this package registers the presets.
 """
 
 from modalign.methods.base import Method, MultimodalModel
-from modalign.methods.contrastive import ContrastiveMethod, clip, siglip
+from modalign.methods.presets import clip, composite, entry_labels, siglip
 
-__all__ = ["ContrastiveMethod", "Method", "MultimodalModel", "clip", "siglip"]
+__all__ = ["Method", "MultimodalModel", "clip", "composite", "entry_labels", "siglip"]

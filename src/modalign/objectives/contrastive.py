@@ -1,18 +1,19 @@
 """Symmetric InfoNCE, the CLIP loss (van den Oord et al. 2018; Radford et al. 2021).
 
-``infonce_loss`` holds the mathematics; ``InfoNCE`` selects two modalities' embeddings from
-``Outputs``, keeps the rows where both were observed, and reports metrics. The helpers
-``paired_embeddings``, ``Gallery`` and ``batch_top1`` are shared with the other pairwise
-losses of this package.
+``infonce_loss`` holds the mathematics; ``InfoNCE`` owns the temperature, selects two
+modalities' embeddings from ``Outputs``, keeps the rows where both were observed, and reports
+metrics. The helpers ``PairObjective``, ``paired_rows``, ``Gallery``, ``LogitScale`` and
+``batch_top1`` are shared with the other pairwise losses of this package.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from modalign.core.errors import ConfigError
 from modalign.core.modules import Objective
@@ -52,10 +53,11 @@ class Gallery:
     Attributes:
         a: ``Tensor[M, E]`` gallery of the first modality (all ranks' rows when gathering).
         b: ``Tensor[M, E]`` gallery of the second modality.
-        ids: ``LongTensor[M]`` ids of the gallery rows, or ``None``.
+        ids: ``LongTensor[M]`` content ids of the gallery's ``a`` rows, or ``None``.
         offset: Index in the gallery of this rank's first row.
         total: Number of rows over all ranks ``M``.
         weight: ``world_size`` when gathering (so the mean over ranks is the global mean), else 1.
+        ids_b: ``LongTensor[M]`` content ids of the ``b`` rows when they differ from ``ids``.
     """
 
     a: Tensor
@@ -64,35 +66,44 @@ class Gallery:
     offset: int
     total: int
     weight: int
+    ids_b: Tensor | None = None
 
     def targets(self, n: int, device: torch.device) -> Tensor:
         """``LongTensor[n]``: gallery index of each local row."""
         return torch.arange(n, device=device) + self.offset
 
-    def same_id(self, ids: Tensor | None, n: int, device: torch.device) -> Tensor:
-        """``BoolTensor[n, M]``: local row ``i`` and gallery row ``j`` share an id (or j = offset+i)."""
+    def same_id(self, ids: Tensor | None, n: int, device: torch.device, ids_b: Tensor | None = None) -> Tensor:
+        """``BoolTensor[n, M]``: local pair ``i`` and gallery pair ``j`` hold the same content.
+
+        True where the ``a`` rows share an id, or the ``b`` rows share an id (``ids_b``, else
+        ``ids``), and on ``j = offset + i``.
+        """
         same = torch.zeros(n, self.total, dtype=torch.bool, device=device)
         if ids is not None and self.ids is not None:
             same = ids[:, None] == self.ids[None, :]
+        if ids_b is not None and self.ids_b is not None:
+            same = same | (ids_b[:, None] == self.ids_b[None, :])
         same[torch.arange(n, device=device), self.targets(n, device)] = True
         return same
 
 
-def gather_gallery(a: Tensor, b: Tensor, ids: Tensor | None, gather: bool) -> Gallery:
+def gather_gallery(a: Tensor, b: Tensor, ids: Tensor | None, gather: bool, ids_b: Tensor | None = None) -> Gallery:
     """Build the gallery of a rank's queries.
 
     The local rows, or every rank's rows (with gradient) when ``gather`` is set and a process
     group is initialised. Ranks may hold different numbers of rows.
     """
     if not (gather and is_initialized()):
-        return Gallery(a, b, ids, 0, a.shape[0], 1)
+        return Gallery(a, b, ids, 0, a.shape[0], 1, ids_b)
     sizes = all_gather_sizes(a.shape[0], a.device)
     total = sum(sizes)
     offset = sum(sizes[: rank()])
     if total == 0:
-        return Gallery(a, b, ids, 0, 0, world_size())
+        return Gallery(a, b, ids, 0, 0, world_size(), ids_b)
     ids_all = all_gather_no_grad(ids, sizes) if ids is not None else None
-    return Gallery(all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes), ids_all, offset, total, world_size())
+    ids_b_all = all_gather_no_grad(ids_b, sizes) if ids_b is not None else None
+    a_all, b_all = all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes)
+    return Gallery(a_all, b_all, ids_all, offset, total, world_size(), ids_b_all)
 
 
 def empty_loss(a: Tensor, b: Tensor, gather: bool, name: str, *scalars: Tensor) -> Tensor:
@@ -106,13 +117,24 @@ def empty_loss(a: Tensor, b: Tensor, gather: bool, name: str, *scalars: Tensor) 
     return 0.0 * (a.sum() + b.sum() + sum(s.sum() for s in scalars))
 
 
-def infonce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, ids: Tensor | None = None, gather: bool = False) -> Tensor:
-    """Symmetric InfoNCE / CLIP loss.
+def infonce_loss(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor,
+    ids: Tensor | None = None,
+    gather: bool = False,
+    ids_b: Tensor | None = None,
+    multi_positive: bool = False,
+) -> Tensor:
+    """Symmetric InfoNCE / CLIP loss, optionally with several positives per row.
 
     ``logits = exp(logit_scale) * a @ b.T``; the loss is the mean of the cross-entropies of the
     rows (a -> b) and of the columns (b -> a) with the diagonal as targets. Pairs ``(i, j)``,
-    ``i != j``, with ``ids[i] == ids[j]`` are the same content and are removed from the softmax
-    (never each other's negatives).
+    ``i != j``, that hold the same content (``ids[i] == ids[j]``: the same ``a``; or
+    ``ids_b[i] == ids_b[j]``: the same ``b``) are never each other's negatives: they are removed
+    from the softmax, or, with ``multi_positive``, they are positives too and each row's loss is
+    the mean negative log-probability of its positives (the "L_out" form of Khosla et al. 2020,
+    "Supervised Contrastive Learning").
 
     With ``gather=True`` and an initialised process group, the local rows are queries against
     the gallery of every rank's rows (gathered with gradient, targets offset by the rows of the
@@ -124,69 +146,91 @@ def infonce_loss(a: Tensor, b: Tensor, logit_scale: Tensor, ids: Tensor | None =
         a: ``Tensor[N, E]`` embeddings of the first modality, assumed L2-normalised.
         b: ``Tensor[N, E]`` embeddings of the second modality, assumed L2-normalised.
         logit_scale: Scalar tensor, the log of the inverse temperature.
-        ids: ``LongTensor[N]`` sample ids, or ``None`` (all distinct).
+        ids: ``LongTensor[N]`` content ids of the ``a`` rows (of both, without ``ids_b``), or
+            ``None`` (all distinct).
         gather: Use negatives from all ranks.
+        ids_b: ``LongTensor[N]`` content ids of the ``b`` rows where they differ from ``ids``.
+        multi_positive: Same-content pairs are positives instead of being left out.
 
     Returns:
         Scalar loss tensor.
 
     Raises:
-        ValueError: If ``a``/``b`` are not 2-D of the same shape, ``ids`` is not ``[N]``,
-            ``logit_scale`` is not a scalar, or (without gathering) the batch is empty.
+        ValueError: If ``a``/``b`` are not 2-D of the same shape, ``ids``/``ids_b`` are not
+            ``[N]``, ``logit_scale`` is not a scalar, or (without gathering) the batch is empty.
     """
     check_pair_inputs(a, b, ids, logit_scale=logit_scale)
-    g = gather_gallery(a, b, ids, gather)
+    check_pair_inputs(a, b, ids_b)
+    g = gather_gallery(a, b, ids, gather, ids_b)
     if g.total == 0:
         return empty_loss(a, b, gather, "infonce_loss", logit_scale)
     n = a.shape[0]
     scale = logit_scale.reshape(()).exp()
     targets = g.targets(n, a.device)
-    negatives_off = g.same_id(ids, n, a.device)
-    negatives_off[torch.arange(n, device=a.device), targets] = False
-    logits_ab = (scale * a @ g.b.T).masked_fill(negatives_off, float("-inf"))
-    logits_ba = (scale * b @ g.a.T).masked_fill(negatives_off, float("-inf"))
-    ce = F.cross_entropy(logits_ab, targets, reduction="sum") + F.cross_entropy(logits_ba, targets, reduction="sum")
-    return ce * (g.weight / (2.0 * g.total))
+    same = g.same_id(ids, n, a.device, ids_b)
+    logits_ab, logits_ba = scale * a @ g.b.T, scale * b @ g.a.T
+    if multi_positive:
+        count = same.sum(dim=1)
+        ce_ab = -(F.log_softmax(logits_ab, dim=1) * same).sum(dim=1).div(count).sum()
+        ce_ba = -(F.log_softmax(logits_ba, dim=1) * same).sum(dim=1).div(count).sum()
+    else:
+        same[torch.arange(n, device=a.device), targets] = False
+        ce_ab = F.cross_entropy(logits_ab.masked_fill(same, float("-inf")), targets, reduction="sum")
+        ce_ba = F.cross_entropy(logits_ba.masked_fill(same, float("-inf")), targets, reduction="sum")
+    return (ce_ab + ce_ba) * (g.weight / (2.0 * g.total))
 
 
-def paired_embeddings(
-    outputs: Outputs, batch: Batch, modalities: tuple[str, str], name: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows of ``outputs.embeddings[m0]``, ``[m1]`` and ``batch.ids`` where both were observed.
+@dataclass
+class Pair:
+    """The rows of a batch where two modalities were both observed.
 
-    Returns:
-        ``(a [P, E], b [P, E], ids [P])`` with ``P`` the number of paired rows.
-
-    Raises:
-        ConfigError: If a modality has no embedding in ``outputs``.
+    Attributes:
+        a: ``Tensor[P, E]`` first modality's rows.
+        b: ``Tensor[P, E]`` second modality's rows.
+        ids_a: ``LongTensor[P]`` content ids of the ``a`` rows (``Batch.ids_of``).
+        ids_b: ``LongTensor[P]`` content ids of the ``b`` rows.
     """
-    for m in modalities:
-        if m not in outputs.embeddings:
-            raise ConfigError(
-                f"{name}.modalities",
-                f"modality {m!r} has no embedding in the model outputs",
-                sorted(outputs.embeddings),
-            )
-    a, b = outputs.embeddings[modalities[0]], outputs.embeddings[modalities[1]]
-    keep = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-    for m in modalities:
-        if m in batch.present:
-            keep = keep & batch.present[m].to(a.device)
-    return a[keep], b[keep], batch.ids.to(a.device)[keep]
+
+    a: Tensor
+    b: Tensor
+    ids_a: Tensor
+    ids_b: Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of paired rows ``P``."""
+        return int(self.a.shape[0])
 
 
-def batch_top1(a: Tensor, b: Tensor, ids: Tensor) -> tuple[float, float]:
-    """Top-1 retrieval accuracy a->b and b->a within the batch; a hit is a row with the same id.
+def paired_rows(tensors: dict[str, Tensor], batch: Batch, modalities: tuple[str, str]) -> Pair | None:
+    """Rows of ``tensors[m0]`` and ``tensors[m1]`` where both modalities were observed.
 
     Args:
-        a: ``Tensor[N, E]`` first modality.
-        b: ``Tensor[N, E]`` second modality.
-        ids: ``LongTensor[N]`` sample ids.
+        tensors: ``{modality: Tensor[B, ...]}``, e.g. ``outputs.embeddings``.
+        batch: The batch (presence masks and per-modality ids).
+        modalities: The two modality names.
+
+    Returns:
+        The paired rows, or ``None`` when a modality is absent from every row of the batch.
     """
+    if any(m not in tensors for m in modalities):
+        return None
+    a, b = tensors[modalities[0]], tensors[modalities[1]]
+    keep = batch.rows(modalities[0]).to(a.device) & batch.rows(modalities[1]).to(a.device)
+    ids_a, ids_b = (batch.ids_of(m).to(a.device)[keep] for m in modalities)
+    return Pair(a[keep], b[keep], ids_a, ids_b)
+
+
+def batch_top1(pair: Pair) -> tuple[float, float]:
+    """Top-1 retrieval accuracy a->b and b->a within the batch; a hit holds the same content."""
     with torch.no_grad():
-        sim = a @ b.T
-        acc_ab = (ids[sim.argmax(dim=1)] == ids).float().mean().item()
-        acc_ba = (ids[sim.argmax(dim=0)] == ids).float().mean().item()
+        n = pair.size
+        gallery = Gallery(pair.a, pair.b, pair.ids_a, 0, n, 1, pair.ids_b)
+        same = gallery.same_id(pair.ids_a, n, pair.a.device, pair.ids_b)
+        sim = pair.a @ pair.b.T
+        rows = torch.arange(n, device=sim.device)
+        acc_ab = same[rows, sim.argmax(dim=1)].float().mean().item()
+        acc_ba = same[sim.argmax(dim=0), rows].float().mean().item()
     return acc_ab, acc_ba
 
 
@@ -197,47 +241,132 @@ def check_modalities(modalities: list[str], name: str) -> tuple[str, str]:
         ConfigError: Unless exactly two distinct names are given.
     """
     if len(modalities) != 2 or modalities[0] == modalities[1]:
-        raise ConfigError(f"{name}.modalities", f"needs two distinct modality names, got {modalities}")
+        raise ConfigError("modalities", f"{name} needs two distinct modality names, got {modalities}")
     return modalities[0], modalities[1]
 
 
-def require_scalar(value: Tensor | None, field: str, name: str) -> Tensor:
-    """Return ``value`` or raise a ``ValueError`` naming the missing ``Outputs`` field."""
-    if value is None:
-        raise ValueError(f"objective {name!r} needs outputs.{field}, but the model returned None")
-    return value
+def model_modalities(model: nn.Module) -> tuple[str, ...]:
+    """The modalities a model encodes (its ``modalities`` attribute)."""
+    return tuple(getattr(model, "modalities", ()))
+
+
+def check_known(modalities: tuple[str, ...], model: nn.Module, name: str) -> None:
+    """Check that ``model`` has an encoder for each of ``modalities``.
+
+    Raises:
+        ConfigError: Naming the unknown modalities and the model's.
+    """
+    known = model_modalities(model)
+    unknown = [m for m in modalities if m not in known]
+    if unknown:
+        raise ConfigError("modalities", f"{name}: the model has no encoder for {unknown}", sorted(known))
+
+
+class LogitScale(nn.Module):
+    """A learnable log inverse temperature ``log(1/t)``, clamped at ``log(max_logit_scale)`` (CLIP).
+
+    Args:
+        temperature: Initial temperature ``t``.
+        learn: Whether it is trained.
+        max_logit_scale: Clamp of ``exp(logit_scale)`` (CLIP: 100).
+    """
+
+    def __init__(self, temperature: float, learn: bool = True, max_logit_scale: float = 100.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {temperature}")
+        self.max_log = math.log(max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn)
+
+    def forward(self) -> Tensor:
+        """The clamped scalar ``logit_scale``."""
+        return self.logit_scale.clamp(max=self.max_log)
+
+
+class PairObjective(Objective):
+    """Base of the objectives over two modalities' paired rows.
+
+    Args:
+        modalities: The two modalities, or ``None``: the model's two (resolved in ``bind``).
+        name: The objective's registered name (for messages).
+    """
+
+    def __init__(self, modalities: list[str] | None, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._pair = check_modalities(modalities, name) if modalities is not None else None
+
+    @property
+    def modalities(self) -> tuple[str, str]:
+        """The two modality names.
+
+        Raises:
+            ValueError: If they were neither given nor resolved by ``bind``.
+        """
+        if self._pair is None:
+            raise ValueError(f"{self.name}: no modalities given and not bound to a model")
+        return self._pair
+
+    def bind(self, model: nn.Module) -> None:
+        """Resolve ``modalities=None`` to the model's two modalities and check they exist.
+
+        Raises:
+            ConfigError: If the model lacks one, or ``None`` was given and it has not two.
+        """
+        if self._pair is None:
+            self._pair = check_modalities(sorted(model_modalities(model)), self.name)
+        check_known(self._pair, model, self.name)
+
+    def pair(self, outputs: Outputs, batch: Batch) -> Pair | None:
+        """Paired rows of the two modalities' embeddings (``None`` if one is absent)."""
+        return paired_rows(outputs.embeddings, batch, self.modalities)
+
+    def too_few(self, pair: Pair | None, gather: bool) -> bool:
+        """Whether the batch has fewer than two pairs and no other rank can supply negatives."""
+        return (pair is None or pair.size < 2) and not (gather and is_initialized())
 
 
 @register("objective", "infonce")
-class InfoNCE(Objective):
-    """Symmetric InfoNCE between two modalities (see ``infonce_loss``).
+class InfoNCE(PairObjective):
+    """Symmetric InfoNCE between two modalities (see ``infonce_loss``), with its own temperature.
 
-    Reads ``outputs.embeddings[m]`` (``Tensor[B, E]``, L2-normalised) for the two modalities and
-    ``outputs.logit_scale``; only rows where both modalities are present are used and rows
-    sharing ``batch.ids`` are never negatives. Fewer than two paired rows (without gathering)
-    give a zero loss that stays connected to the graph.
+    Reads ``outputs.embeddings[m]`` (``Tensor[B, E]``, L2-normalised) for the two modalities;
+    only rows where both modalities are present are used, and rows holding the same content
+    (``batch.ids_of``) are never negatives (or are positives with ``multi_positive``). Fewer than
+    two paired rows (without gathering) give a zero loss that stays connected to the graph.
 
     Args:
-        modalities: Exactly two modality names.
+        modalities: Two modality names (default: the model's two).
+        temperature: Initial temperature (CLIP: 0.07).
+        learn_temperature: Train the temperature.
+        max_logit_scale: Clamp on ``1/temperature`` (CLIP: 100).
+        multi_positive: Rows sharing a content id are positives (Khosla et al. 2020).
         gather: Use negatives from all ranks (``all_gather`` with gradient).
     """
 
-    def __init__(self, modalities: list[str], gather: bool = False) -> None:
-        super().__init__()
-        self.modalities = check_modalities(modalities, "infonce")
+    def __init__(
+        self,
+        modalities: list[str] | None = None,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        multi_positive: bool = False,
+        gather: bool = False,
+    ) -> None:
+        super().__init__(modalities, "infonce")
+        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
+        self.multi_positive = multi_positive
         self.gather = gather
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Compute the loss; metrics: ``temperature``, ``acc_a2b``, ``acc_b2a``, ``paired``."""
-        scale = require_scalar(outputs.logit_scale, "logit_scale", "infonce")
-        a, b, ids = paired_embeddings(outputs, batch, self.modalities, "infonce")
-        n = a.shape[0]
+        scale = self.scale()
+        pair = self.pair(outputs, batch)
+        n = pair.size if pair is not None else 0
         metrics = {"temperature": float(1.0 / scale.detach().exp()), "paired": float(n)}
-        if n < 2 and not (self.gather and is_initialized()):
-            emb = outputs.embeddings
-            zero = 0.0 * (emb[self.modalities[0]].sum() + emb[self.modalities[1]].sum() + scale.sum())
-            return LossOutput(loss=zero, parts={"infonce": zero}, metrics=metrics)
-        loss = infonce_loss(a, b, scale, ids=ids, gather=self.gather)
+        if pair is None or self.too_few(pair, self.gather):
+            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
+        loss = infonce_loss(pair.a, pair.b, scale, pair.ids_a, self.gather, pair.ids_b, self.multi_positive)
         if n > 0:
-            metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(a, b, ids)
-        return LossOutput(loss=loss, parts={"infonce": loss}, metrics=metrics)
+            metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
+        return LossOutput(loss=loss, metrics=metrics)

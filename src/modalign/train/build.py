@@ -19,13 +19,13 @@ from modalign.core.registry import create, lookup
 from modalign.core.types import ModalitySpec
 from modalign.data.base import MultimodalDataset
 from modalign.data.collate import Collator
-from modalign.methods.base import Method
+from modalign.methods.base import Method, MultimodalModel
 from modalign.train.recipe import (
     DATASET_PROVIDED,
     ENCODER_PROVIDED,
     HEAD_PROVIDED,
-    METHOD_PROVIDED,
     Recipe,
+    expand_method,
 )
 
 
@@ -71,8 +71,8 @@ def _encoders_of_kind(kind: str) -> list[str]:
     return [n for n in available("encoder") if lookup("encoder", n).kind == kind]
 
 
-def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
-    """Create encoders, heads, fusion and the method named by the recipe.
+def build_model(recipe: Recipe, specs: dict[str, ModalitySpec]) -> MultimodalModel:
+    """Create the encoders, heads and fusion of the recipe's ``model`` section.
 
     Raises:
         ConfigError: If the recipe names a modality the dataset does not have.
@@ -90,10 +90,29 @@ def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
         for m, enc in encoders.items()
     }
     fusion_name, fusion_kwargs = check_component("fusion", recipe.model.fusion, "model.fusion")
-    fusion = create("fusion", fusion_name, **fusion_kwargs)
-    method_name, method_kwargs = check_component("method", recipe.method, "method", METHOD_PROVIDED)
-    method: Method = create("method", method_name, encoders=encoders, heads=heads, fusion=fusion, **method_kwargs)
-    return method
+    return MultimodalModel(encoders, heads, create("fusion", fusion_name, **fusion_kwargs))
+
+
+def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
+    """Create the model, then the method's objectives, bound to it.
+
+    Raises:
+        ConfigError: If the recipe names a modality the dataset does not have, or an objective
+            does not fit the model (with the objective's key path).
+    """
+    model = build_model(recipe, specs)
+    entries = expand_method(recipe.method)
+    objectives = []
+    for spec in entries:
+        try:
+            objectives.append((spec.label, create("objective", spec.name, **spec.kwargs), spec.weight))
+        except ConfigError as e:
+            raise e.under(spec.path) from None
+    try:
+        return Method(model, objectives)
+    except ConfigError as e:
+        index, _, rest = e.path.removeprefix("objectives.").partition(".")
+        raise ConfigError(rest, e.message, e.allowed, e.suggestions).under(entries[int(index)].path) from None
 
 
 def make_loader(

@@ -1,4 +1,8 @@
-"""The training loop: the same for every method (it only calls ``training_step``).
+"""The training loop: the same for every method.
+
+Per step it calls ``method(batch) -> Outputs`` (the features), ``method.loss(outputs, batch)``
+(the maths), then the optimiser, then ``method.after_step(ctx)``; per epoch
+``method.on_epoch_start(ctx)`` before the first batch. It knows nothing else of methods.
 
 AdamW with decoupled weight decay (not on biases, norms or the temperature), linear warm-up
 then cosine decay, gradient clipping, optional bf16 autocast, seeded per-epoch randomness,
@@ -26,7 +30,7 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from modalign.core.types import LossOutput
+from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
@@ -176,6 +180,8 @@ class Trainer:
         seed = epoch_seed(self.cfg.seed, epoch)
         seed_everything(seed)
         self.dataset.set_epoch(epoch)
+        ctx = EpochContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch, self._dataset_pass)
+        self.method.on_epoch_start(ctx)
         loader = make_loader(
             self.dataset, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, seed=seed, drop_last=True
         )
@@ -188,6 +194,7 @@ class Trainer:
             total += loss
             count += batch.size
             self.state.step += 1
+            self.method.after_step(self._context(epoch))
             rate = count / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
             if self.state.step % self.cfg.log_every == 0:
@@ -198,6 +205,7 @@ class Trainer:
                         "loss": loss,
                         "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": rate,
+                        **{f"loss/{k}": float(v.detach()) for k, v in out.parts.items()},
                         **out.metrics,
                     }
                 )
@@ -205,9 +213,17 @@ class Trainer:
         steps = max(1, count // self.cfg.batch_size)
         return {"epoch_loss": total / steps, "epoch_seconds": time.perf_counter() - start}
 
-    def _step(self, batch: Any) -> LossOutput:
+    def _context(self, epoch: int) -> StepContext:
+        return StepContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch)
+
+    def _dataset_pass(self) -> Any:
+        """One unshuffled pass over the training split, on the device (for epoch-start hooks)."""
+        loader = make_loader(self.dataset, self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        return (batch.to(self.device) for batch in loader)
+
+    def _step(self, batch: Batch) -> LossOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = self.method.training_step(batch)
+            out = self.method.loss(self.method(batch), batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)

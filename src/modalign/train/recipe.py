@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modalign.core.config import apply_overrides, check_component
 from modalign.core.errors import ConfigError
+from modalign.core.registry import lookup
+from modalign.methods.presets import ENTRY_KEYS, entry_labels
 
 #: Constructor arguments the framework fills in (a recipe may not set them).
 DATASET_PROVIDED = frozenset({"split", "seed", "augment", "artifacts"})
 ENCODER_PROVIDED = frozenset({"in_channels", "vocab_size", "image_size", "length"})
 HEAD_PROVIDED = frozenset({"in_dim", "out_dim"})
-METHOD_PROVIDED = frozenset({"encoders", "heads", "fusion"})
+METHOD_PROVIDED: frozenset[str] = frozenset()
 
 
 class _Section(BaseModel):
@@ -89,7 +92,10 @@ class Recipe(_Section):
 
     data: dict[str, Any] = Field(description="Dataset mapping {name: ..., **args}; see `modalign datasets`.")
     model: ModelConfig
-    method: dict[str, Any] = Field(description="Method mapping {name: clip|siglip|..., **args}.")
+    method: dict[str, Any] = Field(
+        description="Method mapping: a preset {name: clip|siglip|..., **args} or "
+        "{name: composite, objectives: [{name, weight, label, **args}, ...]}."
+    )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
 
@@ -130,7 +136,7 @@ def validate_recipe(tree: dict[str, Any]) -> Recipe:
     except pydantic.ValidationError as e:
         raise _pydantic_error(e) from None
     check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
-    check_component("method", recipe.method, "method", METHOD_PROVIDED)
+    expand_method(recipe.method)
     check_component("fusion", recipe.model.fusion, "model.fusion")
     check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
     for modality, spec in recipe.model.encoders.items():
@@ -139,6 +145,54 @@ def validate_recipe(tree: dict[str, Any]) -> Recipe:
     if unknown:
         raise ConfigError("model.frozen", f"no encoder for {unknown}", sorted(recipe.model.encoders))
     return recipe
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One validated objective entry of a method.
+
+    Attributes:
+        path: Key path to report errors under (``method`` for presets,
+            ``method.objectives.N`` for composite entries).
+        label: Log name of the objective (unique within the method).
+        name: Registered objective name.
+        kwargs: Validated constructor arguments.
+        weight: Weight of the objective in the method's loss.
+    """
+
+    path: str
+    label: str
+    name: str
+    kwargs: dict[str, Any]
+    weight: float
+
+
+def expand_method(method: dict[str, Any]) -> list[ObjectiveSpec]:
+    """Validate a recipe's ``method`` section and expand it into objective entries.
+
+    Raises:
+        ConfigError: Unknown method or objective, bad argument, bad weight or repeated label,
+            with its key path.
+    """
+    name, kwargs = check_component("method", method, "method", METHOD_PROVIDED)
+    preset = name != "composite"
+    try:
+        entries = lookup("method", name)(**kwargs)
+        labels = entry_labels(entries)
+    except ConfigError as e:
+        raise e.under("method") from None
+    specs = []
+    for i, entry in enumerate(entries):
+        path = "method" if preset else f"method.objectives.{i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(path, f"expected an objective mapping {{name: ..., weight: ...}}, got {entry!r}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"{path}.weight", f"must be a number >= 0, got {weight!r}")
+        objective = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        obj_name, obj_kwargs = check_component("objective", objective, path)
+        specs.append(ObjectiveSpec(path, labels[i], obj_name, obj_kwargs, float(weight)))
+    return specs
 
 
 def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:

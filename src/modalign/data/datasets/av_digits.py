@@ -10,7 +10,10 @@ testing.
 Pairing. Every image gets a recording of its digit from its split, drawn by cycling through a
 seeded shuffle of that digit's recordings, so each recording is used about equally often. The
 training split re-draws the pairing in ``set_epoch`` (re-pairing augmentation: the same image
-meets different voices across epochs); the test pairing depends only on ``seed``.
+meets different voices across epochs); the test pairing depends only on ``seed``. A recording
+serves about two images per epoch, so its index is the audio's content id
+(``Sample.modality_ids["audio"]``): two images sharing a recording in one batch never make that
+recording its own negative.
 """
 
 from __future__ import annotations
@@ -252,4 +255,5 @@ class AVDigits(MultimodalDataset):
             id=int(index),
             values={"image": self.image_tf(self._images[index]), "audio": audio},
             labels={"digit": int(self._digits[index]), "speaker": int(self._rec_speakers[rec])},
+            modality_ids={"audio": rec},
         )
