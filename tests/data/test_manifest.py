@@ -241,8 +241,9 @@ def test_word_tokenizer_option(tmp_path: Path, rows: list[dict[str, Any]]) -> No
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
     ds = _dataset(path, tokenizer="word", min_frequency=2)
     tok = ds.tokenizers["caption"]
-    # words in at least two of the ten captions: a, red, green, blue, square, circle, dot
-    assert tok.vocab_size == 3 + 7
+    # 3 leading specials, the words in at least two of the ten captions (a, red, green, blue,
+    # square, circle, dot), then the 3 appended specials [MASK], [BOS], [EOS]
+    assert tok.vocab_size == 3 + 7 + 3
     assert tok.tokens("a big red squares!") == ["a", "[UNK]", "red", "[UNK]"]
     assert ds[0].values["caption"].tolist() == tok.encode(rows[0]["caption"], 8).tolist()
 

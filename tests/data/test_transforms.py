@@ -255,19 +255,19 @@ def test_word_tokenizer_keeps_whole_words_and_drops_punctuation() -> None:
     assert tok.tokens("café au lait") == ["cafe", "au", "lait"]  # accents stripped
     ids = tok.encode("zebra face", max_tokens=8)
     assert ids.tolist() == [tok.cls_id, tok.unk_id, tok.encode("face")[1].item()]
-    # the vocabulary is exactly the training words plus the specials
+    # the vocabulary is exactly the training words plus the 3 trained and 3 appended specials
     words = {w for t in TEXTS for w in re.findall(r"[a-z]+", t.lower().replace("é", "e"))}
-    assert tok.vocab_size == len(words) + 3
+    assert tok.vocab_size == len(words) + 6
     again = TextTokenizer.from_json(tok.to_json())
     assert again.tokens("red heart, coffee.") == ["red", "heart", "coffee"]
     small = TextTokenizer.fit(TEXTS, vocab_size=5, model="word")  # 3 specials + 2 of the 4 words seen twice
-    assert small.vocab_size == 5 and small.tokens("face hand heart waving").count("[UNK]") == 2
+    assert small.vocab_size == 5 + 3 and small.tokens("face hand heart waving").count("[UNK]") == 2
 
 
 def test_word_tokenizer_min_frequency_maps_rare_words_to_unk() -> None:
     tok = TextTokenizer.fit(TEXTS, vocab_size=200, min_frequency=2, model="word")
-    # words seen at least twice in TEXTS: face, waving, hand, heart
-    assert tok.vocab_size == 3 + 4
+    # words seen at least twice in TEXTS: face, waving, hand, heart (+ 3 trained, 3 appended specials)
+    assert tok.vocab_size == 6 + 4
     assert tok.tokens("grinning face, red heart") == ["[UNK]", "face", "[UNK]", "heart"]
     assert tok.encode("waving grin").tolist() == [tok.cls_id, tok.encode("waving")[1].item(), tok.unk_id]
 

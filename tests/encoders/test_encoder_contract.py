@@ -232,3 +232,108 @@ def test_spec_kwargs_errors() -> None:
 def test_every_encoder_kind_has_a_fixture() -> None:
     assert {lookup("encoder", n).kind for n in available("encoder")} <= set(SPECS)
     assert len(CASES) >= 10
+
+
+# --------------------------------------------------------------------------- token stem / trunk
+
+TOKEN_STEM = [n for n in available("encoder") if lookup("encoder", n).token_stem]
+STEM_CASES = [c for c in CASES if str(c.values[0]) in TOKEN_STEM]
+NO_STEM_CASES = [c for c in CASES if str(c.values[0]) not in TOKEN_STEM]
+#: Settings with randomness in training mode, so that forward == trunk(stem) is checked under it.
+NOISY: dict[str, dict[str, Any]] = {"text_bow": {"word_dropout": 0.5}}
+
+
+def random_keep(padding: Tensor | None, t: int, k: int, seed: int) -> tuple[Tensor, Tensor | None]:
+    """Per-row random subsets of ``k`` of ``t`` stem positions (shuffled), as MAE gathers them."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(B)])
+    return keep, None if padding is None else padding.gather(1, keep)
+
+
+def gather_tokens(tokens: Tensor, keep: Tensor) -> Tensor:
+    return tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def test_token_stem_encoders_are_the_documented_ones() -> None:
+    documented = ["image_vit", "text_transformer", "text_bow", "audio_transformer", "series_transformer"]
+    assert sorted(documented) == TOKEN_STEM
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize(("name", "spec"), STEM_CASES)
+def test_forward_is_trunk_of_stem(name: str, spec: ModalitySpec, mode: str) -> None:
+    enc = build(name, spec)
+    for k, v in NOISY.get(name, {}).items():
+        setattr(enc, k, v)
+    enc.train(mode == "train")
+    x, padding = make_input(spec)
+    torch.manual_seed(7)
+    out = enc(x, padding)
+    torch.manual_seed(7)
+    tokens, stem_padding = enc.stem(x, padding)
+    split = enc.trunk(tokens, stem_padding)
+    assert tokens.shape[-1] == enc.stem_dim and tokens.shape[0] == B
+    assert torch.equal(out.tokens, split.tokens) and torch.equal(out.pooled, split.pooled)
+    assert (out.padding is None and split.padding is None) or torch.equal(out.padding, split.padding)
+
+
+@pytest.mark.parametrize(("name", "spec"), STEM_CASES)
+def test_trunk_runs_on_a_random_subset_of_stem_tokens(name: str, spec: ModalitySpec) -> None:
+    enc = build(name, spec).train()
+    x, padding = make_input(spec)
+    tokens, stem_padding = enc.stem(x, padding)
+    t = tokens.shape[1]
+    keep, kept_padding = random_keep(stem_padding, t, max(1, t // 3), seed=3)
+    out = enc.trunk(gather_tokens(tokens, keep), kept_padding)
+    assert out.tokens.shape == (B, keep.shape[1], enc.dim) and out.pooled.shape == (B, enc.dim)
+    assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+    assert (out.padding is None) == (kept_padding is None)
+    (out.pooled.sum() + out.tokens.sum()).backward()
+    assert all(p.grad is not None for p in enc.parameters())
+
+
+@pytest.mark.parametrize(("name", "spec"), STEM_CASES)
+def test_dropping_tokens_equals_masking_them(name: str, spec: ModalitySpec) -> None:
+    """Positions travel with the tokens: the trunk of a subset is the trunk of all with the rest padded."""
+    enc = build(name, spec).eval()
+    x, padding = make_input(spec)
+    with torch.no_grad():
+        tokens, stem_padding = enc.stem(x, padding)
+        t = tokens.shape[1]
+        base = torch.zeros(B, t, dtype=torch.bool) if stem_padding is None else stem_padding
+        keep, kept_padding = random_keep(base, t, max(1, t // 2), seed=5)
+        dropped = enc.trunk(gather_tokens(tokens, keep), kept_padding)
+        hidden = torch.ones(B, t, dtype=torch.bool).scatter(1, keep, False) | base
+        masked = enc.trunk(tokens, hidden)
+        assert kept_padding is not None
+        valid = ~kept_padding
+        torch.testing.assert_close(
+            dropped.tokens[valid], gather_tokens(masked.tokens, keep)[valid], atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(dropped.pooled, masked.pooled, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "spec"), STEM_CASES)
+def test_targets_align_with_stem_tokens(name: str, spec: ModalitySpec) -> None:
+    enc = build(name, spec)
+    x, padding = make_input(spec)
+    tokens, _ = enc.stem(x, padding)
+    targets = enc.targets(x, padding)
+    assert targets.shape[:2] == tokens.shape[:2]
+    if spec.kind == "text":
+        assert targets.dtype == torch.long and torch.equal(targets, x)
+    else:
+        assert targets.dim() == 3 and targets.is_floating_point() and torch.isfinite(targets).all()
+
+
+@pytest.mark.parametrize(("name", "spec"), NO_STEM_CASES)
+def test_encoders_without_token_stem_say_so(name: str, spec: ModalitySpec) -> None:
+    enc = build(name, spec)
+    x, padding = make_input(spec)
+    msg = rf"^{name} has no token stem \(masked objectives need one of: {', '.join(TOKEN_STEM)}\)$"
+    with pytest.raises(NotImplementedError, match=msg):
+        enc.stem(x, padding)
+    with pytest.raises(NotImplementedError, match=msg):
+        enc.trunk(torch.zeros(B, 3, enc.dim), None)
+    with pytest.raises(NotImplementedError, match=msg):
+        enc.targets(x, padding)

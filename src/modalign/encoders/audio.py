@@ -20,6 +20,7 @@ from modalign.nn.layers import (
     SinusoidalPositions,
     Transformer,
     check_sequence,
+    check_tokens,
     conv_bn_relu,
     downsample_padding,
     masked_mean,
@@ -81,7 +82,8 @@ class AudioTransformer(Encoder):
     Frames of ``patch`` time steps are embedded by a strided conv1d over the mel bins,
     sinusoidal positions are added and pre-norm transformer blocks attend with the padding
     mask. ``tokens`` are ``[B, ceil(T/patch), dim]``; ``pooled`` is their masked mean
-    ``[B, dim]``.
+    ``[B, dim]``. Token stem (see ``Encoder``): ``stem`` is the frame embedding plus positions,
+    ``trunk`` the transformer and pooling, ``targets`` the spectrogram frames of each token.
 
     Args:
         in_channels: Mel bins (from the modality spec).
@@ -94,6 +96,7 @@ class AudioTransformer(Encoder):
     """
 
     kind = "audio"
+    token_stem = True
 
     def __init__(
         self,
@@ -107,17 +110,54 @@ class AudioTransformer(Encoder):
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.dim = dim
+        self.dim = self.stem_dim = dim
         self.embed = PatchEmbed1d(in_channels, dim, patch)
         self.positions = SinusoidalPositions(dim)
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, n_mels, T]`` or ``padding`` not ``[B, T]``.
+        """
+        return self.trunk(*self.stem(x, padding))
+
+    def stem(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Frame tokens plus sinusoidal positions ``[B, ceil(T/patch), dim]`` and their padding.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, n_mels, T]`` or ``padding`` not ``[B, T]``.
+        """
         check_sequence(x, padding, self.in_channels, "audio_transformer")
         tokens, padding = self.embed(x, padding)
-        tokens = self.transformer(self.positions(tokens), padding)
+        return self.positions(tokens), padding
+
+    def trunk(self, tokens: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Transformer and masked mean over stem tokens ``[B, T', dim]`` (any subset).
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[B, T', dim]`` or ``padding`` not ``[B, T']``.
+        """
+        check_tokens(tokens, padding, self.dim, "audio_transformer")
+        tokens = self.transformer(tokens, padding)
         return EncoderOutput(tokens=tokens, pooled=masked_mean(tokens, padding), padding=padding)
+
+    def targets(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """The ``patch`` frames each token covers, ``FloatTensor[B, ceil(T/patch), n_mels * patch]``.
+
+        Padded frames (and the zero frames that complete the last patch) are zero, exactly what
+        the stem saw; rows are flattened mel-major (``n_mels, patch``), the layout of the frame
+        embedding's weights.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, n_mels, T]`` or ``padding`` not ``[B, T]``.
+        """
+        check_sequence(x, padding, self.in_channels, "audio_transformer")
+        p = self.embed.patch
+        x = F.pad(zero_padded(x, padding), (0, (-x.shape[-1]) % p))
+        b, c, t = x.shape
+        return x.reshape(b, c, t // p, p).permute(0, 2, 1, 3).reshape(b, t // p, c * p)
 
 
 @register("encoder", "audio_tdnn")

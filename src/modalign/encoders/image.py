@@ -14,7 +14,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.modules import Encoder
 from modalign.core.registry import register
 from modalign.core.types import EncoderOutput, ModalitySpec
-from modalign.nn.layers import PatchEmbed2d, Transformer, conv_bn_relu
+from modalign.nn.layers import PatchEmbed2d, Transformer, check_tokens, conv_bn_relu
 
 
 def _check_image(x: Tensor, channels: int, name: str) -> None:
@@ -83,6 +83,10 @@ class ImageViT(Encoder):
     transformer blocks follow. ``tokens`` are the patch tokens ``[B, (S/patch)^2, dim]``;
     ``pooled`` is the final [CLS] token ``[B, dim]``; ``padding`` is ``None``.
 
+    Token stem (see ``Encoder``): ``stem`` embeds patches and adds their positions, ``trunk``
+    prepends [CLS] to whichever patches it is given (MAE's encoder, He et al. 2022), and
+    ``targets`` are the patch pixels.
+
     Args:
         in_channels: Image channels (from the modality spec).
         image_size: Side length ``S`` in pixels (from the modality spec's ``size``).
@@ -95,6 +99,7 @@ class ImageViT(Encoder):
     """
 
     kind = "image"
+    token_stem = True
 
     def __init__(
         self,
@@ -112,7 +117,7 @@ class ImageViT(Encoder):
             raise ConfigError("patch", f"patch={patch} must divide image_size={image_size}")
         self.in_channels = in_channels
         self.image_size = image_size
-        self.dim = dim
+        self.dim = self.stem_dim = dim
         self.patch_embed = PatchEmbed2d(in_channels, dim, patch)
         n = (image_size // patch) ** 2
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
@@ -133,16 +138,56 @@ class ImageViT(Encoder):
         return {"in_channels": spec.channels, "image_size": spec.size}
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``FloatTensor[B, C, S, S]`` (``padding`` is ignored).
+        """Encode ``FloatTensor[B, C, S, S]`` (``padding`` is ignored): ``trunk(*stem(x))``.
 
         Raises:
             ValueError: If the image is not ``[B, in_channels, image_size, image_size]``.
         """
+        return self.trunk(*self.stem(x, padding))
+
+    def stem(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Patch tokens ``[B, N, dim]`` (``N = (S/patch)^2``, row-major) plus their positions; padding ``None``.
+
+        Raises:
+            ValueError: If the image is not ``[B, in_channels, image_size, image_size]``.
+        """
+        self._check(x)
+        return self.patch_embed(x) + self.pos[:, 1:], None
+
+    def trunk(self, tokens: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Prepend [CLS] (with its position) to any subset of patch tokens ``[B, T, dim]`` and encode.
+
+        Args:
+            tokens: Stem tokens ``[B, T, dim]`` (all ``N`` patches or a gathered subset).
+            padding: ``BoolTensor[B, T]`` (rows keeping fewer patches) or ``None``.
+
+        Returns:
+            ``tokens [B, T, dim]`` (patches), ``pooled [B, dim]`` ([CLS]), ``padding`` as given.
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
+        """
+        check_tokens(tokens, padding, self.dim, "image_vit")
+        cls = (self.cls + self.pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        full = None if padding is None else torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)
+        h = self.transformer(torch.cat([cls, tokens], dim=1), full)
+        return EncoderOutput(tokens=h[:, 1:], pooled=h[:, 0], padding=padding)
+
+    def targets(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Pixels of each patch, ``FloatTensor[B, N, C * patch * patch]`` in stem order.
+
+        Each row is flattened channel-major (``C, row, column``), the layout of the patch
+        embedding's weights, so ``stem(x) - pos == targets(x) @ W.T + b``.
+
+        Raises:
+            ValueError: If the image is not ``[B, in_channels, image_size, image_size]``.
+        """
+        self._check(x)
+        b, c, p, g = x.shape[0], self.in_channels, self.patch_embed.patch, self.image_size // self.patch_embed.patch
+        return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+    def _check(self, x: Tensor) -> None:
         _check_image(x, self.in_channels, "image_vit")
         if x.shape[-2:] != (self.image_size, self.image_size):
             size = self.image_size
             raise ValueError(f"image_vit was built for {size}x{size} images, got shape {tuple(x.shape)}")
-        patches = self.patch_embed(x)
-        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos
-        h = self.transformer(h)
-        return EncoderOutput(tokens=h[:, 1:], pooled=h[:, 0], padding=None)

@@ -7,6 +7,8 @@ returned ``padding`` is the input's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,7 @@ from modalign.nn.layers import (
     SinusoidalPositions,
     Transformer,
     check_sequence,
+    check_tokens,
     conv_bn_relu,
     masked_max,
     masked_mean,
@@ -79,7 +82,8 @@ class SeriesTransformer(Encoder):
     Better"), applied to 1-D signals.
     A conv1d stem ("same" padding, GELU) maps channels to ``dim``; sinusoidal positions and
     pre-norm transformer blocks with the padding mask follow. ``tokens`` are ``[B, T, dim]``;
-    ``pooled`` is their masked mean ``[B, dim]``.
+    ``pooled`` is their masked mean ``[B, dim]``. Token stem (see ``Encoder``): ``stem`` is the
+    conv stem plus positions, ``trunk`` the transformer and pooling, ``targets`` the input steps.
 
     Args:
         in_channels: Series channels (from the modality spec).
@@ -92,6 +96,7 @@ class SeriesTransformer(Encoder):
     """
 
     kind = "series"
+    token_stem = True
 
     def __init__(
         self,
@@ -107,14 +112,55 @@ class SeriesTransformer(Encoder):
         if kernel % 2 == 0:
             raise ConfigError("kernel", f"series_transformer needs an odd kernel, got {kernel}")
         self.in_channels = in_channels
-        self.dim = dim
-        self.stem = nn.Sequential(nn.Conv1d(in_channels, dim, kernel, padding=kernel // 2), nn.GELU())
+        self.dim = self.stem_dim = dim
+        self.stem_conv = nn.Sequential(nn.Conv1d(in_channels, dim, kernel, padding=kernel // 2), nn.GELU())
         self.positions = SinusoidalPositions(dim)
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+        self.register_load_state_dict_pre_hook(_rename_old_stem)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, C, T]`` or ``padding`` not ``[B, T]``.
+        """
+        return self.trunk(*self.stem(x, padding))
+
+    def stem(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """One token per time step, conv stem plus sinusoidal positions ``[B, T, dim]``; the padding.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, C, T]`` or ``padding`` not ``[B, T]``.
+        """
         check_sequence(x, padding, self.in_channels, "series_transformer")
-        tokens = self.stem(zero_padded(x, padding)).transpose(1, 2)
-        tokens = self.transformer(self.positions(tokens), padding)
+        tokens = self.stem_conv(zero_padded(x, padding)).transpose(1, 2)
+        return self.positions(tokens), padding
+
+    def trunk(self, tokens: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Transformer and masked mean over stem tokens ``[B, T, dim]`` (any subset).
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
+        """
+        check_tokens(tokens, padding, self.dim, "series_transformer")
+        tokens = self.transformer(tokens, padding)
         return EncoderOutput(tokens=tokens, pooled=masked_mean(tokens, padding), padding=padding)
+
+    def targets(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """The input step of each token, ``FloatTensor[B, T, C]`` (zero where padded).
+
+        Token ``t`` stands for step ``t``, but the conv stem reads steps ``t - kernel // 2`` to
+        ``t + kernel // 2``, so visible neighbours carry part of a masked step: mask spans
+        longer than ``kernel`` for a reconstruction task that is not trivial.
+
+        Raises:
+            ValueError: If ``x`` is not ``[B, C, T]`` or ``padding`` not ``[B, T]``.
+        """
+        check_sequence(x, padding, self.in_channels, "series_transformer")
+        return zero_padded(x, padding).transpose(1, 2)
+
+
+def _rename_old_stem(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: checkpoints saved before ``stem`` became ``stem_conv`` still load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "stem.")]:
+        state_dict[prefix + "stem_conv." + key[len(prefix + "stem.") :]] = state_dict.pop(key)

@@ -16,7 +16,7 @@ from modalign.core.modules import Encoder
 from modalign.core.registry import register
 from modalign.core.types import EncoderOutput, ModalitySpec
 from modalign.nn.heads import MLPHead
-from modalign.nn.layers import LearnedPositions, Transformer, masked_mean
+from modalign.nn.layers import LearnedPositions, Transformer, check_tokens, masked_mean
 
 
 def _text_padding(x: Tensor, padding: Tensor | None, vocab_size: int, name: str) -> Tensor:
@@ -33,6 +33,17 @@ def _text_padding(x: Tensor, padding: Tensor | None, vocab_size: int, name: str)
 
 class _TextEncoder(Encoder):
     kind = "text"
+    token_stem = True
+    vocab_size: int
+
+    def targets(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """The token ids themselves, ``LongTensor[B, T]`` (one per stem token).
+
+        Raises:
+            ValueError: On non-integer or out-of-vocabulary ids or a padding mask of another shape.
+        """
+        _text_padding(x, padding, self.vocab_size, type(self).__name__)
+        return x.long()
 
     @classmethod
     def spec_kwargs(cls, spec: ModalitySpec) -> dict[str, Any]:
@@ -54,7 +65,8 @@ class TextTransformer(_TextEncoder):
     Token and learned position embeddings, pre-norm transformer blocks with the padding mask.
     ``tokens`` are ``[B, T, dim]``; ``pooled`` is the masked mean over valid tokens
     (``pool="mean"``) or the first token (``pool="cls"``, for tokenizers that prepend [CLS]),
-    ``[B, dim]``.
+    ``[B, dim]``. Token stem (see ``Encoder``): ``stem`` is token plus position embeddings,
+    ``trunk`` the transformer and pooling, ``targets`` the token ids.
 
     Args:
         vocab_size: Tokenizer vocabulary size (from the modality spec).
@@ -82,7 +94,7 @@ class TextTransformer(_TextEncoder):
         if pool not in ("mean", "cls"):
             raise ConfigError("pool", f"invalid value {pool!r}", ["mean", "cls"])
         self.vocab_size = vocab_size
-        self.dim = dim
+        self.dim = self.stem_dim = dim
         self.pool = pool
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -90,14 +102,32 @@ class TextTransformer(_TextEncoder):
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding.
+        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.
+
+        Raises:
+            ValueError: On non-integer or out-of-vocabulary ids, ``T > max_len`` or a padding
+                mask of another shape.
+        """
+        return self.trunk(*self.stem(x, padding))
+
+    def stem(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token plus position embeddings ``[B, T, dim]`` and the padding ``BoolTensor[B, T]``.
 
         Raises:
             ValueError: On non-integer or out-of-vocabulary ids, ``T > max_len`` or a padding
                 mask of another shape.
         """
         padding = _text_padding(x, padding, self.vocab_size, "text_transformer")
-        tokens = self.transformer(self.positions(self.embed(x)), padding)
+        return self.positions(self.embed(x)), padding
+
+    def trunk(self, tokens: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """Encode stem tokens ``[B, T, dim]`` (any subset; ``pool="cls"`` pools whichever comes first).
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
+        """
+        check_tokens(tokens, padding, self.dim, "text_transformer")
+        tokens = self.transformer(tokens, padding)
         pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, padding)
         return EncoderOutput(tokens=tokens, pooled=pooled, padding=padding)
 
@@ -110,7 +140,9 @@ class TextBoW(_TextEncoder):
     the token embeddings ``[B, T, dim]``; ``pooled`` is ``MLP(masked mean)`` ``[B, dim]``.
     In training mode, ``word_dropout`` leaves each valid token out of the mean with that
     probability (the word dropout of Iyyer et al. 2015, "Deep Unordered Composition Rivals
-    Syntactic Methods"); a sample always keeps at least one token.
+    Syntactic Methods"); a sample always keeps at least one token. Token stem (see
+    ``Encoder``): ``stem`` is the token embeddings, ``trunk`` the masked mean and MLP,
+    ``targets`` the token ids.
 
     Args:
         vocab_size: Tokenizer vocabulary size (from the modality spec).
@@ -127,15 +159,37 @@ class TextBoW(_TextEncoder):
         if not 0.0 <= word_dropout < 1.0:
             raise ConfigError("word_dropout", f"must be in [0, 1), got {word_dropout}")
         self.vocab_size = vocab_size
-        self.dim = dim
+        self.dim = self.stem_dim = dim
         self.word_dropout = word_dropout
         self.embed = nn.Embedding(vocab_size, dim)
         self.mlp = MLPHead(dim, dim, hidden=hidden, layers=layers)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding."""
+        """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.
+
+        Raises:
+            ValueError: On non-integer or out-of-vocabulary ids or a padding mask of another shape.
+        """
+        return self.trunk(*self.stem(x, padding))
+
+    def stem(self, x: Tensor, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token embeddings ``[B, T, dim]`` (no positions: bags are order-free) and the padding.
+
+        Raises:
+            ValueError: On non-integer or out-of-vocabulary ids or a padding mask of another shape.
+        """
         padding = _text_padding(x, padding, self.vocab_size, "text_bow")
-        tokens = self.embed(x)
+        return self.embed(x), padding
+
+    def trunk(self, tokens: Tensor, padding: Tensor | None = None) -> EncoderOutput:
+        """``MLP(masked mean)`` of stem tokens ``[B, T, dim]`` (word dropout while training).
+
+        Raises:
+            ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
+        """
+        check_tokens(tokens, padding, self.dim, "text_bow")
+        if padding is None:
+            padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens=tokens, pooled=self.mlp(masked_mean(tokens, self._drop(padding))), padding=padding)
 
     def _drop(self, padding: Tensor) -> Tensor:

@@ -127,28 +127,85 @@ def conv_bn_relu(c_in: int, c_out: int, dims: int = 2, kernel: int = 3) -> nn.Se
     return nn.Sequential(conv(c_in, c_out, kernel, padding=kernel // 2, bias=False), norm(c_out), nn.ReLU())
 
 
+def check_tokens(x: Tensor, padding: Tensor | None, dim: int, name: str) -> None:
+    """Check a token sequence ``x: [B, T, dim]`` and its ``padding: [B, T]``.
+
+    Raises:
+        ValueError: Naming ``name`` (the component) and the offending shapes.
+    """
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{name} expects tokens [B, T, {dim}], got shape {tuple(x.shape)}")
+    if padding is not None and padding.shape != x.shape[:2]:
+        raise ValueError(f"{name}: padding of shape {tuple(padding.shape)} does not match tokens {tuple(x.shape)}")
+
+
+def causal_attention_mask(length: int, padding: Tensor | None, heads: int, device: torch.device) -> Tensor:
+    """Boolean attention mask (``True`` = blocked) letting position ``t`` see keys ``<= t`` only.
+
+    Args:
+        length: Sequence length ``T``.
+        padding: ``BoolTensor[B, T]`` key padding (``True`` = padded) or ``None``.
+        heads: Attention heads (the 3-D mask is repeated per head, as
+            ``nn.MultiheadAttention(attn_mask=...)`` expects).
+        device: Device of the mask.
+
+    Returns:
+        ``BoolTensor[T, T]`` without ``padding``; otherwise ``BoolTensor[B * heads, T, T]`` that
+        also blocks padded keys. A query always sees itself, so no row is fully blocked (a
+        padded query, whose earlier keys may all be padded, gives a finite, meaningless output).
+    """
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    if padding is None:
+        return blocked
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    return ((blocked | padding[:, None, :]) & ~eye).repeat_interleave(heads, dim=0)
+
+
+def self_attend(attn: nn.MultiheadAttention, h: Tensor, padding: Tensor | None, causal: bool = False) -> Tensor:
+    """Self-attention of ``h: Tensor[B, T, D]`` under the padding (and optional causal) mask.
+
+    Without ``causal``, rows whose tokens are all padded attend to every token instead of
+    producing NaN; with it, see :func:`causal_attention_mask`.
+
+    Raises:
+        ValueError: If ``padding`` is not ``[B, T]``.
+    """
+    if padding is not None:
+        _check_padding(h, padding)
+    if causal:
+        blocked = causal_attention_mask(h.shape[1], padding, attn.num_heads, h.device)
+        return attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+    mask = None if padding is None else padding & ~padding.all(dim=1, keepdim=True)
+    return attn(h, h, h, key_padding_mask=mask, need_weights=False)[0]
+
+
+def block_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    """The transformer MLP: ``Linear(dim, hidden) -> GELU -> Dropout -> Linear(hidden, dim) -> Dropout``."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+    )
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block (Vaswani et al. 2017; pre-norm as in GPT-2 / ViT).
 
     ``x = x + Attn(LN(x)); x = x + MLP(LN(x))``. Rows whose tokens are all padded attend to
     every token (instead of producing NaN); their outputs are meaningless and must be masked.
+    With ``causal=True`` position ``t`` attends to positions ``<= t`` only (GPT, Radford et al.
+    2018), besides the key padding mask.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False
+    ) -> None:
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        hidden = int(dim * mlp_ratio)
+        self.causal = causal
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, dim),
-            nn.Dropout(dropout),
-        )
+        self.mlp = block_mlp(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         """Apply the block.
@@ -159,22 +216,28 @@ class TransformerBlock(nn.Module):
 
         Returns:
             ``Tensor[B, T, D]``.
+
+        Raises:
+            ValueError: If ``padding`` is not ``[B, T]``.
         """
-        mask = None
-        if padding is not None:
-            _check_padding(x, padding)
-            mask = padding & ~padding.all(dim=1, keepdim=True)
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, key_padding_mask=mask, need_weights=False)[0]
+        x = x + self_attend(self.attn, self.norm1(x), padding, self.causal)
         return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of ``TransformerBlock``s followed by a final LayerNorm."""
+    """A stack of ``TransformerBlock``s followed by a final LayerNorm (``causal`` for every block)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:

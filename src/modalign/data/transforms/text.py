@@ -12,7 +12,10 @@ Normalisation: Unicode NFD, lowercase, strip accents. Two models, both fitted on
   instead of being split into pieces shared with unrelated words.
 
 Special tokens: ``[PAD]`` (id 0, the padding id collation uses), ``[UNK]`` and ``[CLS]`` (first
-token of every encoding, a pooling slot for encoders).
+token of every encoding, a pooling slot for encoders) are trained first (ids 0, 1, 2). ``[MASK]``
+(masked language modelling, BERT), ``[BOS]`` and ``[EOS]`` (captioning decoders: CoCa, BLIP) are
+appended after the trained vocabulary, so every other id is what it was before they existed; a
+tokenizer JSON saved without them gets them on load, at the same ids.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ from torch import Tensor
 from modalign.core.errors import DataError
 
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
+MASK, BOS, EOS = "[MASK]", "[BOS]", "[EOS]"
+#: Specials the trainer places first (ids 0, 1, 2).
 SPECIAL_TOKENS = (PAD, UNK, CLS)
+#: Specials appended after the trained vocabulary (ids ``V .. V + 2`` for ``V`` trained entries).
+APPENDED_SPECIAL_TOKENS = (MASK, BOS, EOS)
 #: Tokenizer models :meth:`TextTokenizer.fit` can train.
 TokenizerModel = Literal["wordpiece", "word"]
 TOKENIZER_MODELS: tuple[str, ...] = get_args(TokenizerModel)
@@ -45,27 +52,75 @@ class TokenizerSettings(NamedTuple):
 
 
 class TextTokenizer:
-    """WordPiece or word-level tokenizer with ``[PAD] = 0``, ``[UNK]`` and ``[CLS]``.
+    """WordPiece or word-level tokenizer with ``[PAD] = 0``, ``[UNK]``, ``[CLS]``, ``[MASK]``, ``[BOS]``, ``[EOS]``.
 
     Build one with :meth:`fit` (on training texts) or load one with :meth:`from_json` /
-    :meth:`from_file`; :meth:`to_json` serialises it for the run directory.
+    :meth:`from_file`; :meth:`to_json` serialises it for the run directory. A wrapped
+    tokenizer that lacks ``[MASK]``/``[BOS]``/``[EOS]`` (an older JSON) gets them appended.
+
+    Raises:
+        DataError: If ``[PAD]`` is not id 0 or ``[UNK]``/``[CLS]`` are missing.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        unk, cls = ids[UNK], ids[CLS]
-        if ids[PAD] != 0 or unk is None or cls is None:
+        if ids[PAD] != 0 or ids[UNK] is None or ids[CLS] is None:
             raise DataError(f"tokenizer: special tokens must be {PAD}=0, {UNK}, {CLS}; got ids {ids}")
+        missing = [t for t in APPENDED_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        if missing:
+            tokenizer.add_special_tokens(missing)
         self._tok = tokenizer
-        self.pad_id = 0
-        self.unk_id = int(unk)
-        self.cls_id = int(cls)
+        self._ids: dict[str, int] = {}
+        for token in (*SPECIAL_TOKENS, *APPENDED_SPECIAL_TOKENS):
+            i = tokenizer.token_to_id(token)
+            if i is None:  # add_special_tokens always succeeds; keeps the mapping total for the type checker
+                raise DataError(f"tokenizer: could not add special token {token}")
+            self._ids[token] = int(i)
+
+    @property
+    def pad_id(self) -> int:
+        """Id of ``[PAD]`` (always 0)."""
+        return self._ids[PAD]
+
+    @property
+    def unk_id(self) -> int:
+        """Id of ``[UNK]``."""
+        return self._ids[UNK]
+
+    @property
+    def cls_id(self) -> int:
+        """Id of ``[CLS]`` (first token of :meth:`encode`)."""
+        return self._ids[CLS]
+
+    @property
+    def mask_id(self) -> int:
+        """Id of ``[MASK]`` (masked language modelling)."""
+        return self._ids[MASK]
+
+    @property
+    def bos_id(self) -> int:
+        """Id of ``[BOS]`` (first token of ``encode(..., bos_eos=True)``)."""
+        return self._ids[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        """Id of ``[EOS]`` (last token of ``encode(..., bos_eos=True)``)."""
+        return self._ids[EOS]
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of all six special tokens (``[PAD]``, ``[UNK]``, ``[CLS]``, ``[MASK]``, ``[BOS]``, ``[EOS]``)."""
+        return tuple(self._ids.values())
 
     @classmethod
     def fit(
         cls, texts: list[str], vocab_size: int = 4000, min_frequency: int = 1, model: TokenizerModel = "wordpiece"
     ) -> TextTokenizer:
         """Train a ``model`` vocabulary (see the module doc) of at most ``vocab_size`` entries.
+
+        ``vocab_size`` bounds the trained vocabulary (``[PAD]``, ``[UNK]``, ``[CLS]`` included);
+        ``[MASK]``, ``[BOS]`` and ``[EOS]`` are appended after it, so the resulting
+        :attr:`vocab_size` is at most ``vocab_size + 3``.
 
         Raises:
             DataError: If ``texts`` is empty or holds no non-blank text.
@@ -136,27 +191,48 @@ class TextTokenizer:
         """The token strings of ``text`` (no specials), for inspection."""
         return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
-    def encode(self, text: str, max_tokens: int = 32) -> Tensor:
-        """Encode ``text`` into ``LongTensor[T]``: ``[CLS]`` then pieces, ``1 <= T <= max_tokens``.
+    def encode(self, text: str, max_tokens: int = 32, bos_eos: bool = False) -> Tensor:
+        """Encode ``text`` into ``LongTensor[T]`` of at most ``max_tokens`` ids.
+
+        Args:
+            text: Raw text (normalised by the tokenizer).
+            max_tokens: Longest encoding, specials included.
+            bos_eos: ``False``: ``[CLS]`` then pieces (``1 <= T``), for encoders. ``True``:
+                ``[BOS]``, pieces, ``[EOS]`` (``2 <= T``; ``[EOS]`` is kept when the pieces are
+                truncated), for captioning decoders.
 
         Raises:
-            ValueError: If ``max_tokens < 1``.
+            ValueError: If ``max_tokens`` is below 1 (below 2 with ``bos_eos``).
         """
-        if max_tokens < 1:
-            raise ValueError(f"TextTokenizer.encode: max_tokens must be >= 1, got {max_tokens}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids[: max_tokens - 1]
+        least = 2 if bos_eos else 1
+        if max_tokens < least:
+            raise ValueError(f"TextTokenizer.encode: max_tokens must be >= {least}, got {max_tokens}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids[: max_tokens - least]
+        if bos_eos:
+            return torch.tensor([self.bos_id, *ids, self.eos_id], dtype=torch.long)
         return torch.tensor([self.cls_id, *ids], dtype=torch.long)
 
 
 class TextTransform:
-    """``str`` -> ``LongTensor[T]`` token ids with a fitted :class:`TextTokenizer`."""
+    """``str`` -> ``LongTensor[T]`` token ids with a fitted :class:`TextTokenizer`.
 
-    def __init__(self, tokenizer: TextTokenizer, max_tokens: int = 32) -> None:
-        if max_tokens < 1:
-            raise ValueError(f"TextTransform: max_tokens must be >= 1, got {max_tokens}")
+    Args:
+        tokenizer: The fitted tokenizer.
+        max_tokens: Longest encoding, specials included.
+        bos_eos: Encode as ``[BOS] ... [EOS]`` (captioning) instead of ``[CLS] ...``.
+
+    Raises:
+        ValueError: If ``max_tokens`` is below 1 (below 2 with ``bos_eos``).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, max_tokens: int = 32, bos_eos: bool = False) -> None:
+        least = 2 if bos_eos else 1
+        if max_tokens < least:
+            raise ValueError(f"TextTransform: max_tokens must be >= {least}, got {max_tokens}")
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.bos_eos = bos_eos
 
     def __call__(self, text: str) -> Tensor:
-        """Encode ``text`` (``[CLS]`` first, truncated to ``max_tokens``)."""
-        return self.tokenizer.encode(text, self.max_tokens)
+        """Encode ``text`` (``[CLS]`` or ``[BOS]`` first, truncated to ``max_tokens``)."""
+        return self.tokenizer.encode(text, self.max_tokens, self.bos_eos)
