@@ -50,6 +50,7 @@ def expected_keys(label: bool, train: bool, probe: bool = True) -> set[str]:
         keys |= {
             f"{a}->{b}/{m}" for a, b in (("image", "text"), ("text", "image")) for m in ("p@1", "mAP", "zero_shot")
         }
+        keys |= {f"{m}/{s}" for m in ("image", "text") for s in ("nmi", "ari")}  # k-means clustering
     if label and train:
         keys |= {f"{m}/knn" for m in ("image", "text")}
         if probe:

@@ -314,6 +314,28 @@ CATALOG: dict[str, DatasetInfo] = {
         ),
         sources=_EMOJI_SOURCES,
     ),
+    "emoji-multilingual": DatasetInfo(
+        name="emoji-multilingual",
+        description=(
+            "The emoji images, split and labels with one text modality per language (text_<lang>: "
+            "the CLDR name and keywords in that language; de, en, es, fr, ja, zh, chosen by the "
+            "languages argument, default en and de), each with its own tokenizer; the test split "
+            "is exactly emoji's 400 base emoji."
+        ),
+        modalities={"image": "image", "text_de": "text", "text_en": "text"},
+        splits={"train": 3081, "test": 400},
+        labels=("category", "group_id"),
+        files=(
+            "emoji_twemoji/emoji.json",
+            *(f"emoji_twemoji/emojibase/{lang}/data.json" for lang in sorted(_EMOJIBASE_DATA)),
+            "emoji_twemoji/img64",
+        ),
+        licence=(
+            "as emoji: npm emoji-datasource-twitter 16.0.0 (MIT; Twemoji graphics CC BY 4.0) and "
+            "emojibase-data 17.0.0 (MIT; labels from Unicode CLDR annotations, Unicode License v3)"
+        ),
+        sources=_EMOJI_SOURCES,
+    ),
     "basicmotions": DatasetInfo(
         name="basicmotions",
         description=(

@@ -1,8 +1,9 @@
 """Evaluation of embeddings read through the ``Embedder`` protocol only.
 
-Retrieval R@K and ranks, class-match p@1/mAP, prototype zero-shot, linear probe, kNN, modality
-gap, alignment/uniformity, plots and a flat metrics report. Every similarity computation walks the
-queries in chunks, so memory grows with ``chunk_size x gallery``, never with ``gallery^2``.
+Retrieval R@K and ranks, class-match p@1/mAP, prototype zero-shot, linear probe, kNN, k-means
+clustering NMI/ARI, modality gap, alignment/uniformity, plots and a flat metrics report. Every
+similarity computation walks the queries in chunks, so memory grows with ``chunk_size x gallery``,
+never with ``gallery^2``.
 """
 
 from modalign.eval.classification import (
@@ -12,6 +13,7 @@ from modalign.eval.classification import (
     linear_probe_accuracy,
     zero_shot_accuracy,
 )
+from modalign.eval.clustering import cluster_scores, kmeans_assignments, kmeans_scores
 from modalign.eval.embed import EmbeddingSet, EvalInputError, embed_loader
 from modalign.eval.gap import alignment_uniformity, modality_gap
 from modalign.eval.plots import plot_loss_curve, plot_projection, plot_similarity_matrix
@@ -24,10 +26,13 @@ __all__ = [
     "alignment_uniformity",
     "class_match_metrics",
     "class_prototypes",
+    "cluster_scores",
     "embed_loader",
     "evaluate_embeddings",
     "first_positive_ranks",
     "format_table",
+    "kmeans_assignments",
+    "kmeans_scores",
     "knn_accuracy",
     "knn_predict",
     "linear_probe_accuracy",

@@ -9,13 +9,17 @@ Key scheme of ``evaluate_embeddings`` (modalities in sorted order, ``a != b``):
   classified by the nearest class prototype of modality ``b``; prototypes are built from the
   TRAIN set's labelled ``b`` rows when ``train`` is given, otherwise from the ``b`` embeddings of
   the same test rows).
+* with a label: ``"{a}/nmi"`` and ``"{a}/ari"`` for every modality: k-means with ``k`` = the
+  number of distinct labels on the test rows where ``a`` is present and labelled, scored against
+  the label (``modalign.eval.clustering``; ``seed`` is the k-means ``random_state``).
 * with a label and a train set: ``"{a}/linear_probe"`` (unless ``probe=False``) and ``"{a}/knn"``
   for every modality, trained on the train rows where ``a`` is present and labelled, tested on
   the test rows where ``a`` is present and labelled.
 * ``"{a}|{b}/modality_gap"`` for every unordered pair ``a < b``, over the co-present test rows.
 
 A pair without any co-present test row gets no keys; a pair whose co-present rows all lack the
-label gets no label keys. Unknown labels are ``-1`` and are always left out.
+label gets no label keys, nor does a modality without a labelled test row get clustering keys.
+Unknown labels are ``-1`` and are always left out.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from modalign.eval.classification import (
     linear_probe_accuracy,
     zero_shot_accuracy,
 )
+from modalign.eval.clustering import kmeans_scores
 from modalign.eval.embed import EmbeddingSet, EvalInputError
 from modalign.eval.gap import modality_gap
 from modalign.eval.retrieval import class_match_metrics, retrieval_metrics
@@ -108,6 +113,15 @@ def _probe_metrics(
     return out
 
 
+def _cluster_metrics(test: EmbeddingSet, a: str, label: str, seed: int) -> dict[str, float]:
+    """k-means NMI and ARI of modality ``a`` over its labelled test rows (none: no keys)."""
+    rows = _labelled(test, a, label, "test")
+    if not bool(rows.any()):
+        return {}
+    scores = kmeans_scores(test.embeddings[a][rows], test.labels[label][rows], seed=seed)
+    return {f"{a}/nmi": scores["nmi"], f"{a}/ari": scores["ari"]}
+
+
 def evaluate_embeddings(
     train: EmbeddingSet | None,
     test: EmbeddingSet,
@@ -115,6 +129,7 @@ def evaluate_embeddings(
     chunk_size: int = 1024,
     knn_k: int = 10,
     probe: bool = True,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Every metric of ``modalign.eval`` for the modalities of ``test``, as one flat dict.
 
@@ -129,6 +144,7 @@ def evaluate_embeddings(
         chunk_size: Query rows per similarity block.
         knn_k: Neighbours of the kNN classifier.
         probe: Whether to fit the (slowest) linear probe.
+        seed: ``random_state`` of the k-means behind the clustering metrics.
 
     Returns:
         ``{metric key: float}`` with plain Python floats.
@@ -151,8 +167,10 @@ def evaluate_embeddings(
             if a < b and bool(rows.any()):
                 gap = modality_gap(test.embeddings[a][rows], test.embeddings[b][rows])
                 out[f"{a}|{b}/modality_gap"] = gap
-        if label is not None and train is not None:
-            out.update(_probe_metrics(train, test, a, label, chunk_size, knn_k, probe))
+        if label is not None:
+            out.update(_cluster_metrics(test, a, label, seed))
+            if train is not None:
+                out.update(_probe_metrics(train, test, a, label, chunk_size, knn_k, probe))
     return {k: float(v) for k, v in out.items()}
 
 

@@ -6,6 +6,6 @@ Every dataset constructor takes the framework-provided arguments ``root`` (data 
 train split, e.g. a tokenizer), followed by dataset-specific keyword arguments.
 """
 
-from modalign.data.datasets import av_digits, basicmotions, emoji, manifest
+from modalign.data.datasets import av_digits, basicmotions, emoji, emoji_multilingual, manifest
 
-__all__ = ["av_digits", "basicmotions", "emoji", "manifest"]
+__all__ = ["av_digits", "basicmotions", "emoji", "emoji_multilingual", "manifest"]

@@ -8,6 +8,9 @@ their own image and CLDR label (``"waving hand: light skin tone"``) plus their b
 
 Held-out split: a fixed choice (``SPLIT_SEED``, independent of the run seed) of ``TEST_BASES``
 base emoji; skin-tone variants always follow their base, so no group is on both sides.
+
+``emoji-multilingual`` (:mod:`modalign.data.datasets.emoji_multilingual`) reuses the catalogue,
+split, image and tokenizer functions below, so both datasets hold out the same emoji.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class EmojiEntry:
         category: Index of the ``emoji.json`` category in the sorted category names.
         variant: Whether this is a skin-tone variant.
         label: The CLDR name alone (the start of ``text``).
+        hexcode: The emojibase ``hexcode`` of this image (the key of its label in every language).
+        base_hexcode: The emojibase ``hexcode`` of its base emoji (whose tags a variant shares).
     """
 
     uid: int
@@ -64,9 +69,16 @@ class EmojiEntry:
     category: int
     variant: bool
     label: str
+    hexcode: str
+    base_hexcode: str
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The parsed JSON file at ``path``.
+
+    Raises:
+        DataError: Naming ``path`` if it cannot be read or parsed.
+    """
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -97,6 +109,16 @@ def _text(label: str, tags: list[str]) -> str:
     return f"{label}. {', '.join(tags)}" if tags else f"{label}."
 
 
+def entry_texts(entries: list[EmojiEntry], labels_json: list[dict[str, Any]]) -> list[str | None]:
+    """The text of each entry in another emojibase label file (``"{label}. {tags}"``, as ``text``).
+
+    An entry's label is looked up by its ``hexcode`` and its tags by its ``base_hexcode``, as
+    :func:`build_catalogue` does for English; ``None`` where the file has no label for it.
+    """
+    names, tags = _label_tables(labels_json)
+    return [_text(names[e.hexcode], tags.get(e.base_hexcode, [])) if e.hexcode in names else None for e in entries]
+
+
 def build_catalogue(
     emoji_json: list[dict[str, Any]], labels_json: list[dict[str, Any]], image_dir: Path
 ) -> tuple[list[EmojiEntry], int, list[str]]:
@@ -120,14 +142,14 @@ def build_catalogue(
             continue
         cat = categories.index(str(base.get("category", "")))
         text = _text(names[key], tags.get(key, []))
-        entries.append(EmojiEntry(len(entries), base["image"], text, group, cat, False, names[key]))
+        entries.append(EmojiEntry(len(entries), base["image"], text, group, cat, False, names[key], key, key))
         for var in variants:
             vkey = _find(names, var)
             if vkey is None or not (image_dir / str(var.get("image"))).is_file():
                 skipped += 1
                 continue
             text = _text(names[vkey], tags.get(key, []))
-            entries.append(EmojiEntry(len(entries), var["image"], text, group, cat, True, names[vkey]))
+            entries.append(EmojiEntry(len(entries), var["image"], text, group, cat, True, names[vkey], vkey, key))
         group += 1
     return entries, skipped, categories
 
@@ -142,6 +164,69 @@ def held_out_groups(n_groups: int) -> set[int]:
         raise DataError(f"{NAME}: only {n_groups} labelled base emoji; need more than {TEST_BASES}")
     rng = np.random.default_rng(SPLIT_SEED)
     return {int(g) for g in rng.choice(n_groups, size=TEST_BASES, replace=False)}
+
+
+def load_catalogue(base: Path, dataset: str) -> tuple[list[EmojiEntry], int, list[str]]:
+    """Read ``emoji.json`` and the English labels under data root ``base`` and join them.
+
+    Logs a warning naming ``dataset`` when images were skipped.
+
+    Returns:
+        ``(entries, n_skipped, category_names)`` of :func:`build_catalogue`.
+
+    Raises:
+        DataError: If a JSON file cannot be read.
+    """
+    entries, skipped, categories = build_catalogue(
+        read_json(base / EMOJI_JSON), read_json(base / LABELS_JSON), base / IMAGES
+    )
+    if skipped:
+        logger.warning("%s: skipped %d images without a file or an English label", dataset, skipped)
+    return entries, skipped, categories
+
+
+def split_entries(entries: list[EmojiEntry], split: str, variants: bool) -> list[EmojiEntry]:
+    """The entries of ``split``: the held-out groups for ``"test"``, the others for ``"train"``.
+
+    Args:
+        entries: The whole catalogue from :func:`build_catalogue`.
+        split: ``"train"`` or ``"test"``.
+        variants: Keep skin-tone variants (bases are always kept).
+
+    Raises:
+        DataError: If there are not more than ``TEST_BASES`` base emoji.
+    """
+    held_out = held_out_groups(entries[-1].group + 1 if entries else 0)
+    return [e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)]
+
+
+def require_artifacts(dataset: str, split: str, artifacts: dict[str, str] | None, files: list[str]) -> None:
+    """Fail unless the test split got every fitted tokenizer file of the train split.
+
+    Raises:
+        DataError: Naming the missing ``artifacts`` entries.
+    """
+    missing = [f for f in files if f not in (artifacts or {})]
+    if split == "test" and missing:
+        names = ", ".join(f"artifacts[{f!r}]" for f in missing)
+        raise DataError(
+            f"{dataset} test split needs {names}: pass the train split's artifacts() so both splits share "
+            "the fitted tokenizers"
+        )
+
+
+def fitted_tokenizer(
+    artifacts: dict[str, str], file: str, texts: list[str], settings: TokenizerSettings
+) -> TextTokenizer:
+    """The tokenizer saved as ``artifacts[file]`` if present, else one fitted on ``texts``."""
+    if file in artifacts:
+        return TextTokenizer.from_json(artifacts[file])
+    return TextTokenizer.fit(texts, **settings._asdict())
+
+
+def prepare_images(folder: Path, entries: list[EmojiEntry], transform: ImageTransform) -> np.ndarray:
+    """``[N, ...]``: the deterministic part of ``transform`` applied to each entry's PNG."""
+    return np.stack([transform.prepare(load_image(folder / e.image)) for e in entries])
 
 
 @register("dataset", NAME)
@@ -188,37 +273,19 @@ class EmojiDataset(MultimodalDataset):
         check_split(NAME, split)
         base = resolve_data_root(root)
         require_files(NAME, base, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
-        if split == "test" and TOKENIZER_FILE not in (artifacts or {}):
-            raise DataError(
-                f"{NAME} test split needs artifacts[{TOKENIZER_FILE!r}]: pass the train split's "
-                "artifacts() so both splits share one tokenizer"
-            )
+        require_artifacts(NAME, split, artifacts, [TOKENIZER_FILE])
         self.split = split
         self.seed = seed
         self.augment = split == "train" if augment is None else augment
         self.max_tokens = max_tokens
-        entries, self.n_skipped, self.category_names = build_catalogue(
-            _read_json(base / EMOJI_JSON), _read_json(base / LABELS_JSON), base / IMAGES
-        )
-        if self.n_skipped:
-            logger.warning("%s: skipped %d images without a file or an English label", NAME, self.n_skipped)
-        held_out = held_out_groups(entries[-1].group + 1 if entries else 0)
-        variants = train_variants if split == "train" else test_variants
-        self.entries = [
-            e for e in entries if (e.group in held_out) == (split == "test") and (variants or not e.variant)
-        ]
+        entries, self.n_skipped, self.category_names = load_catalogue(base, NAME)
+        self.entries = split_entries(entries, split, train_variants if split == "train" else test_variants)
         settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
-        self.tokenizer = self._tokenizer(artifacts or {}, settings)
-        self._tokens = [self.tokenizer.encode(e.text, max_tokens) for e in self.entries]
-        self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
-        folder = base / IMAGES
-        self._images = np.stack([self.image_tf.prepare(load_image(folder / e.image)) for e in self.entries])
-
-    def _tokenizer(self, artifacts: dict[str, str], tok: TokenizerSettings) -> TextTokenizer:
-        if TOKENIZER_FILE in artifacts:
-            return TextTokenizer.from_json(artifacts[TOKENIZER_FILE])
         texts = [e.text for e in self.entries]
-        return TextTokenizer.fit(texts, **tok._asdict())
+        self.tokenizer = fitted_tokenizer(artifacts or {}, TOKENIZER_FILE, texts, settings)
+        self._tokens = [self.tokenizer.encode(t, max_tokens) for t in texts]
+        self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
+        self._images = prepare_images(base / IMAGES, self.entries, self.image_tf)
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""
