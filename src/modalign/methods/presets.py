@@ -100,6 +100,114 @@ def siglip(
     ]
 
 
+@register("method", "cmc")
+def cmc(
+    modalities: list[str] | None = None,
+    pairs: list[list[str]] | None = None,
+    temperature: float = 0.07,
+    learn_temperature: bool = True,
+) -> list[dict[str, Any]]:
+    """CMC: InfoNCE on every pair of modalities (Tian et al. 2020, "Contrastive Multiview Coding").
+
+    Args:
+        modalities: Modalities taking part (default: all of the model's).
+        pairs: Restrict to these pairs (default: every pair).
+        temperature: Initial temperature, shared by all pairs.
+        learn_temperature: Train the temperature.
+    """
+    args = _drop_none(modalities=modalities, pairs=pairs)
+    return [{"name": "multiview", "temperature": temperature, "learn_temperature": learn_temperature, **args}]
+
+
+@register("method", "imagebind")
+def imagebind(
+    anchor: str = "image",
+    modalities: list[str] | None = None,
+    temperature: float = 0.07,
+    learn_temperature: bool = True,
+) -> list[dict[str, Any]]:
+    """ImageBind: InfoNCE between an anchor modality and each other one (Girdhar et al. 2023).
+
+    The non-anchor modalities are never contrasted with each other; their alignment is emergent.
+
+    Args:
+        anchor: The binding modality (ImageBind: images).
+        modalities: Modalities taking part (default: all of the model's).
+        temperature: Initial temperature, shared by all pairs.
+        learn_temperature: Train the temperature.
+    """
+    args = _drop_none(modalities=modalities)
+    entry = {"name": "multiview", "anchor": anchor, "temperature": temperature, "learn_temperature": learn_temperature}
+    return [{**entry, **args}]
+
+
+@register("method", "moco")
+def moco(
+    modalities: list[str] | None = None,
+    queue_size: int = 4096,
+    momentum: float = 0.995,
+    temperature: float = 0.07,
+    gather: bool = False,
+) -> list[dict[str, Any]]:
+    """Cross-modal momentum contrast with queues (He et al. 2020 MoCo; ALBEF's ITC, Li et al. 2021).
+
+    Args:
+        modalities: The two modalities (default: the model's two).
+        queue_size: Keys kept per modality.
+        momentum: EMA coefficient of the teacher.
+        temperature: Initial temperature (learnt).
+        gather: Use and enqueue every rank's keys.
+    """
+    args = _drop_none(modalities=modalities)
+    entry = {"name": "moco", "queue_size": queue_size, "momentum": momentum, "temperature": temperature}
+    return [{**entry, "gather": gather, **args}]
+
+
+@register("method", "dcl")
+def dcl(modalities: list[str] | None = None, temperature: float = 0.1, gather: bool = False) -> list[dict[str, Any]]:
+    """Decoupled contrastive learning (Yeh et al. 2022): InfoNCE without the positive in the denominator.
+
+    Args:
+        modalities: The two modalities (default: the model's two).
+        temperature: Initial temperature (learnt).
+        gather: Use negatives from every rank.
+    """
+    return [{"name": "dcl", "temperature": temperature, "gather": gather, **_drop_none(modalities=modalities)}]
+
+
+@register("method", "vicreg")
+def vicreg(
+    modalities: list[str] | None = None,
+    sim_weight: float = 25.0,
+    var_weight: float = 25.0,
+    cov_weight: float = 1.0,
+    gather: bool = False,
+) -> list[dict[str, Any]]:
+    """VICReg across modalities (Bardes et al. 2022), on the raw projections.
+
+    Args:
+        modalities: The two modalities (default: the model's two).
+        sim_weight: Invariance weight.
+        var_weight: Variance weight.
+        cov_weight: Covariance weight.
+        gather: Batch statistics over every rank.
+    """
+    weights = {"sim_weight": sim_weight, "var_weight": var_weight, "cov_weight": cov_weight}
+    return [{"name": "vicreg", **weights, "gather": gather, **_drop_none(modalities=modalities)}]
+
+
+@register("method", "barlow")
+def barlow(modalities: list[str] | None = None, lambd: float = 5e-3, gather: bool = False) -> list[dict[str, Any]]:
+    """Barlow Twins across modalities (Zbontar et al. 2021), on the raw projections.
+
+    Args:
+        modalities: The two modalities (default: the model's two).
+        lambd: Weight of the redundancy-reduction term.
+        gather: Batch statistics over every rank.
+    """
+    return [{"name": "barlow", "lambd": lambd, "gather": gather, **_drop_none(modalities=modalities)}]
+
+
 def entry_labels(entries: list[dict[str, Any]]) -> list[str]:
     """The log label of each objective entry (explicit ``label``, else derived from the name).
 

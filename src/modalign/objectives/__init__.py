@@ -1,9 +1,56 @@
 """Losses: each a plain function on tensors plus a thin registered ``Objective`` module.
 
-Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP).
+Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
+``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, and the families
+added by the modules imported below.
 """
 
+from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
+from modalign.objectives.clustering import XDC, MCNCluster, SeLaVi, swapped_prediction_loss, xdc_loss
 from modalign.objectives.contrastive import InfoNCE, infonce_loss
+from modalign.objectives.data2vec import Data2Vec, data2vec_targets, ema_update
+from modalign.objectives.decoupled import DCL, dcl_loss
+from modalign.objectives.masked import MultiMAE, masked_regression_loss, masked_token_loss, random_mask
+from modalign.objectives.masked_conditional import MaskedConditional
+from modalign.objectives.matching import AudioVisualCorrespondence, ImageTextMatching, avc_loss, itm_loss
+from modalign.objectives.momentum import MoCo, queue_infonce_loss
+from modalign.objectives.multiview import MultiView, multiview_pairs
+from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
 
-__all__ = ["InfoNCE", "SigmoidLoss", "infonce_loss", "sigmoid_loss"]
+__all__ = [
+    "DCL",
+    "XDC",
+    "AudioVisualCorrespondence",
+    "BarlowTwins",
+    "Captioning",
+    "Data2Vec",
+    "ImageTextMatching",
+    "InfoNCE",
+    "MCNCluster",
+    "MaskedConditional",
+    "MoCo",
+    "MultiMAE",
+    "MultiView",
+    "SeLaVi",
+    "SigmoidLoss",
+    "VICReg",
+    "avc_loss",
+    "barlow_twins_loss",
+    "caption_loss",
+    "data2vec_targets",
+    "dcl_loss",
+    "ema_update",
+    "greedy_decode",
+    "infonce_loss",
+    "itm_loss",
+    "masked_regression_loss",
+    "masked_token_loss",
+    "multiview_pairs",
+    "queue_infonce_loss",
+    "random_mask",
+    "sigmoid_loss",
+    "swapped_prediction_loss",
+    "vicreg_loss",
+    "xdc_loss",
+]

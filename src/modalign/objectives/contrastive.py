@@ -317,9 +317,15 @@ class PairObjective(Objective):
             self._pair = check_modalities(sorted(model_modalities(model)), self.name)
         check_known(self._pair, model, self.name)
 
-    def pair(self, outputs: Outputs, batch: Batch) -> Pair | None:
-        """Paired rows of the two modalities' embeddings (``None`` if one is absent)."""
-        return paired_rows(outputs.embeddings, batch, self.modalities)
+    def pair(self, outputs: Outputs, batch: Batch, raw: bool = False) -> Pair | None:
+        """Paired rows of the two modalities' embeddings (``None`` if one is absent).
+
+        Args:
+            outputs: The method's outputs.
+            batch: The batch.
+            raw: Read the unnormalised ``projections`` instead of the normalised ``embeddings``.
+        """
+        return paired_rows(outputs.projections if raw else outputs.embeddings, batch, self.modalities)
 
     def too_few(self, pair: Pair | None, gather: bool) -> bool:
         """Whether the batch has fewer than two pairs and no other rank can supply negatives."""

@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from modalign.objectives.contrastive import check_pair_inputs, empty_loss, gather_gallery
+from modalign.core.registry import register
+from modalign.core.types import Batch, LossOutput, Outputs
+from modalign.objectives.contrastive import (
+    LogitScale,
+    PairObjective,
+    batch_top1,
+    check_pair_inputs,
+    empty_loss,
+    gather_gallery,
+)
 
 
 def dcl_loss(
@@ -70,3 +79,43 @@ def dcl_loss(
         denominator = torch.logsumexp((scale * query @ gallery.T).masked_fill(removed, float("-inf")), dim=1)
         total = total + torch.where(has_negative, denominator - positive, 0.0).sum()
     return total * (g.weight / (2.0 * g.total))
+
+
+@register("objective", "dcl")
+class DCL(PairObjective):
+    """Decoupled contrastive loss between two modalities (see ``dcl_loss``), with its temperature.
+
+    Same row selection, content-id handling and metrics as ``InfoNCE``.
+
+    Args:
+        modalities: Two modality names (default: the model's two).
+        temperature: Initial temperature (DCL: 0.1).
+        learn_temperature: Train the temperature.
+        max_logit_scale: Clamp on ``1/temperature``.
+        gather: Use negatives from all ranks.
+    """
+
+    def __init__(
+        self,
+        modalities: list[str] | None = None,
+        temperature: float = 0.1,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        gather: bool = False,
+    ) -> None:
+        super().__init__(modalities, "dcl")
+        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
+        self.gather = gather
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """Compute the loss; metrics: ``temperature``, ``acc_a2b``, ``acc_b2a``, ``paired``."""
+        scale = self.scale()
+        pair = self.pair(outputs, batch)
+        n = pair.size if pair is not None else 0
+        metrics = {"temperature": float(1.0 / scale.detach().exp()), "paired": float(n)}
+        if pair is None or self.too_few(pair, self.gather):
+            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
+        loss = dcl_loss(pair.a, pair.b, scale, pair.ids_a, self.gather, pair.ids_b)
+        if n > 0:
+            metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
+        return LossOutput(loss=loss, metrics=metrics)

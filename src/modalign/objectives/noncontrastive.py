@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modalign.core.registry import register
+from modalign.core.types import Batch, LossOutput, Outputs
 from modalign.distributed import is_initialized
-from modalign.objectives.contrastive import check_pair_inputs, gather_gallery
+from modalign.objectives.contrastive import PairObjective, check_pair_inputs, gather_gallery
 
 
 @dataclass(frozen=True)
@@ -192,3 +194,69 @@ def barlow_twins_loss(a: Tensor, b: Tensor, lambd: float = 5e-3, eps: float = 1e
     c = _standardise(a_all, eps).T @ _standardise(b_all, eps) / a_all.shape[0]
     on_diagonal = (1.0 - c.diagonal()).pow(2).sum()
     return on_diagonal + lambd * _off_diagonal_sq(c)
+
+
+@register("objective", "vicreg")
+class VICReg(PairObjective):
+    """VICReg across two modalities (see ``vicreg_loss``), on the heads' raw projections.
+
+    Parts: ``invariance``, ``variance``, ``covariance`` (unweighted terms). Rows where both
+    modalities were observed are used; fewer than two (without gathering) give a connected zero.
+
+    Args:
+        modalities: Two modality names (default: the model's two).
+        sim_weight: Weight of the invariance (MSE) term (VICReg: 25).
+        var_weight: Weight of the variance hinge (VICReg: 25).
+        cov_weight: Weight of the covariance penalty (VICReg: 1).
+        gamma: Target standard deviation of every dimension.
+        gather: Batch statistics over all ranks.
+    """
+
+    def __init__(
+        self,
+        modalities: list[str] | None = None,
+        sim_weight: float = 25.0,
+        var_weight: float = 25.0,
+        cov_weight: float = 1.0,
+        gamma: float = 1.0,
+        gather: bool = False,
+    ) -> None:
+        super().__init__(modalities, "vicreg")
+        self.weights = (sim_weight, var_weight, cov_weight)
+        self.gamma = gamma
+        self.gather = gather
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """Compute the loss; metrics: ``paired``."""
+        pair = self.pair(outputs, batch, raw=True)
+        metrics = {"paired": float(pair.size if pair is not None else 0)}
+        if pair is None or self.too_few(pair, self.gather):
+            return LossOutput(loss=outputs.zero(), metrics=metrics)
+        sim, var, cov = self.weights
+        terms = vicreg_loss(pair.a, pair.b, sim, var, cov, self.gamma, gather=self.gather)
+        parts = {"invariance": terms.invariance, "variance": terms.variance, "covariance": terms.covariance}
+        return LossOutput(loss=terms.loss, parts=parts, metrics=metrics)
+
+
+@register("objective", "barlow")
+class BarlowTwins(PairObjective):
+    """Barlow Twins across two modalities (see ``barlow_twins_loss``), on the raw projections.
+
+    Args:
+        modalities: Two modality names (default: the model's two).
+        lambd: Weight of the off-diagonal redundancy term (Barlow Twins: 5e-3).
+        gather: Batch statistics over all ranks.
+    """
+
+    def __init__(self, modalities: list[str] | None = None, lambd: float = 5e-3, gather: bool = False) -> None:
+        super().__init__(modalities, "barlow")
+        self.lambd = lambd
+        self.gather = gather
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """Compute the loss; metrics: ``paired``."""
+        pair = self.pair(outputs, batch, raw=True)
+        metrics = {"paired": float(pair.size if pair is not None else 0)}
+        if pair is None or self.too_few(pair, self.gather):
+            return LossOutput(loss=outputs.zero(), metrics=metrics)
+        return LossOutput(loss=barlow_twins_loss(pair.a, pair.b, self.lambd, gather=self.gather), metrics=metrics)
