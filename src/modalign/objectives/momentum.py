@@ -34,6 +34,8 @@ def queue_infonce_loss(
     ids: Tensor | None = None,
     queue_ids: Tensor | None = None,
     gather: bool = False,
+    teacher_q: Tensor | None = None,
+    alpha: float = 0.0,
 ) -> Tensor:
     """InfoNCE of queries against their keys, the other rows' keys and a queue of older keys.
 
@@ -44,6 +46,10 @@ def queue_infonce_loss(
     offset by the lower ranks' rows, and each rank returns ``world_size * sum_local / N_total``
     so the mean over ranks is the loss of the global batch.
 
+    Momentum distillation (ALBEF, Li et al. 2021): with ``alpha > 0`` the one-hot target becomes
+    ``alpha * softmax(teacher_q @ [k; queue]^T) + (1 - alpha) * onehot``, so the teacher's view of
+    which keys also match a query softens the penalty on plausible "negatives".
+
     Args:
         q: ``Tensor[N, E]`` L2-normalised queries (student).
         k: ``Tensor[N, E]`` L2-normalised keys of the same rows (teacher).
@@ -52,6 +58,8 @@ def queue_infonce_loss(
         ids: ``LongTensor[N]`` content ids of the key rows, or ``None`` (all distinct).
         queue_ids: ``LongTensor[K]`` content ids of the queue (``-1`` = unknown), or ``None``.
         gather: Use every rank's keys as negatives.
+        teacher_q: ``Tensor[N, E]`` the teacher's embeddings of the queries' rows (for ``alpha``).
+        alpha: Weight of the teacher's soft targets (0: plain InfoNCE).
 
     Returns:
         Scalar loss.
@@ -75,12 +83,23 @@ def queue_infonce_loss(
             raise ValueError("queue_infonce_loss got an empty batch")
         return 0.0 * (q.sum() + logit_scale.sum())
     targets = torch.arange(n, device=q.device) + offset
-    logits = logit_scale.reshape(()).exp() * q @ torch.cat([keys, queue.detach()]).T
+    scale, gallery = logit_scale.reshape(()).exp(), torch.cat([keys, queue.detach()])
+    same = torch.zeros(n, gallery.shape[0], dtype=torch.bool, device=q.device)
     if ids is not None and key_ids is not None:
         same = torch.cat([ids[:, None] == key_ids[None, :], _queue_same(ids, queue_ids, queue.shape[0])], dim=1)
         same[torch.arange(n, device=q.device), targets] = False
-        logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, targets, reduction="sum") * (weight / total)
+    logits = (scale * q @ gallery.T).masked_fill(same, float("-inf"))
+    if teacher_q is None or alpha == 0.0:
+        return F.cross_entropy(logits, targets, reduction="sum") * (weight / total)
+    soft = _soft_targets(scale.detach() * teacher_q.detach() @ gallery.T, same, targets, alpha)
+    log_p = F.log_softmax(logits, dim=1).masked_fill(same, 0.0)
+    return -(soft * log_p).sum() * (weight / total)
+
+
+def _soft_targets(teacher_logits: Tensor, same: Tensor, targets: Tensor, alpha: float) -> Tensor:
+    """``alpha * softmax(teacher) + (1 - alpha) * onehot(targets)``; same-content entries get 0."""
+    soft = F.softmax(teacher_logits.masked_fill(same, float("-inf")), dim=1)
+    return alpha * soft + (1.0 - alpha) * F.one_hot(targets, teacher_logits.shape[1]).to(soft.dtype)
 
 
 def _queue_same(ids: Tensor, queue_ids: Tensor | None, size: int) -> Tensor:
@@ -114,6 +133,7 @@ class MoCo(PairObjective):
         learn_temperature: Train the temperature.
         max_logit_scale: Clamp on ``1/temperature``.
         gather: Use every rank's keys as negatives and enqueue them.
+        distill: Momentum distillation weight ``alpha`` (ALBEF: 0.4; 0 disables it).
     """
 
     queue_ptr: Tensor
@@ -127,8 +147,12 @@ class MoCo(PairObjective):
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
         gather: bool = False,
+        distill: float = 0.0,
     ) -> None:
         super().__init__(modalities, "moco")
+        if not 0.0 <= distill <= 1.0:
+            raise ConfigError("distill", f"must be in [0, 1], got {distill}")
+        self.distill = distill
         if queue_size < 1 or not 0.0 <= momentum < 1.0:
             raise ConfigError(
                 "queue_size", f"needs queue_size >= 1 and 0 <= momentum < 1, got {queue_size}, {momentum}"
@@ -179,8 +203,9 @@ class MoCo(PairObjective):
         a, b = self.modalities
         self._pending = {a: (keys.a, keys.ids_a), b: (keys.b, keys.ids_b)}
         qa, qb = self._queue(a), self._queue(b)
-        loss_ab = queue_infonce_loss(pair.a, keys.b, qb[0], scale, keys.ids_b, qb[1], self.gather)
-        loss_ba = queue_infonce_loss(pair.b, keys.a, qa[0], scale, keys.ids_a, qa[1], self.gather)
+        alpha = self.distill
+        loss_ab = queue_infonce_loss(pair.a, keys.b, qb[0], scale, keys.ids_b, qb[1], self.gather, keys.a, alpha)
+        loss_ba = queue_infonce_loss(pair.b, keys.a, qa[0], scale, keys.ids_a, qa[1], self.gather, keys.b, alpha)
         return LossOutput(loss=(loss_ab + loss_ba) / 2, metrics=metrics)
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
