@@ -1,4 +1,4 @@
-"""The ``modalign`` command line: train, eval, embed, recipes, datasets.
+"""The ``modalign`` command line: train, eval, embed, generate, recipes, datasets.
 
 A thin layer over ``modalign.train`` and ``modalign.data``: every command parses options,
 calls one library function and prints its result. Errors that modalign raises on purpose are
@@ -104,6 +104,37 @@ def embed(
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory trained with a captioning objective (coca).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .jsonl: one {index, id, text[, reference]} per input.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="Split of the run's dataset (train|test) or a manifest file with the run's columns."
+        ),
+    ] = "test",
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Most tokens per caption (default: the decoder's longest).")
+    ] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Caption inputs greedily with a run's captioning decoder; score it where inputs have references."""
+    from modalign.train.run import generate_run
+
+    try:
+        summary = generate_run(run_dir, data, out, max_tokens, str(data_root) if data_root else None)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"wrote {int(summary['captions'])} captions to {out}")
+    if "token_accuracy" in summary:
+        typer.echo(
+            f"teacher-forced on {int(summary['reference_tokens'])} reference tokens: "
+            f"token accuracy {summary['token_accuracy']:.4f} (unigram {summary['unigram_token_accuracy']:.4f}), "
+            f"perplexity {summary['perplexity']:.2f} (unigram {summary['unigram_perplexity']:.2f})"
+        )
 
 
 @app.command()

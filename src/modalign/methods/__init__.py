@@ -4,6 +4,26 @@ Importing this package registers the presets.
 """
 
 from modalign.methods.base import Method, MultimodalModel
+from modalign.methods.captioning import coca
+from modalign.methods.clustering import mcn, selavi, xdc
+from modalign.methods.masked import data2vec, mlm, multimae
+from modalign.methods.matching import avc, itm
 from modalign.methods.presets import clip, composite, entry_labels, siglip
 
-__all__ = ["Method", "MultimodalModel", "clip", "composite", "entry_labels", "siglip"]
+__all__ = [
+    "Method",
+    "MultimodalModel",
+    "avc",
+    "clip",
+    "coca",
+    "composite",
+    "data2vec",
+    "entry_labels",
+    "itm",
+    "mcn",
+    "mlm",
+    "multimae",
+    "selavi",
+    "siglip",
+    "xdc",
+]

@@ -1,4 +1,4 @@
-"""A run directory: train, evaluate, embed.
+"""A run directory: train, evaluate, embed, generate captions.
 
 ``RUN_DIR`` holds ``config.yaml`` (the resolved recipe), ``artifacts/`` (fitted data state such
 as tokenizers), ``checkpoints/``, ``metrics.jsonl``, ``eval.json`` and ``plots/``.
@@ -6,6 +6,7 @@ as tokenizers), ``checkpoints/``, ``metrics.jsonl``, ``eval.json`` and ``plots/`
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import torch
 import yaml
 
 from modalign.core.errors import ConfigError
+from modalign.core.types import Batch
 from modalign.data.base import MultimodalDataset
+from modalign.data.transforms.text import TextTokenizer
 from modalign.eval import (
     EmbeddingSet,
     embed_loader,
@@ -26,6 +29,15 @@ from modalign.eval import (
     write_eval_json,
 )
 from modalign.methods.base import Method
+from modalign.objectives.captioning import (
+    CaptionDetokenizer,
+    Captioning,
+    find_captioner,
+    greedy_decode,
+    score_captions,
+    target_counts,
+    unigram_scores,
+)
 from modalign.train.build import build_dataset, build_method, make_loader, resolve_device
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
 from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
@@ -208,16 +220,118 @@ def embed_data(run_dir: Path, data: str, out: Path, data_root: str | None = None
         ConfigError: If ``data`` is a manifest path but the run was not trained on a manifest.
     """
     recipe, method = load_run(run_dir, data_root)
-    artifacts = load_artifacts(run_dir)
-    if data in ("train", "test"):
-        dataset = build_dataset(recipe, data, artifacts=artifacts, augment=False)
-    else:
-        if recipe.data.get("name") != "manifest":
-            raise ConfigError(
-                "--data",
-                f"{data!r} is not a split (train|test); a manifest file needs a run trained on the `manifest` dataset",
-            )
-        recipe.data = {**recipe.data, "test_file": str(Path(data).resolve())}
-        dataset = build_dataset(recipe, "test", artifacts=artifacts, augment=False)
+    dataset = input_dataset(recipe, data, load_artifacts(run_dir))
     emb = embed_split(recipe, method, dataset, resolve_device(recipe.train.device))
     return save_embeddings(emb, out)
+
+
+def input_dataset(recipe: Recipe, data: str, artifacts: dict[str, str]) -> MultimodalDataset:
+    """The ``train``/``test`` split of the run's dataset, or a manifest file read as its test split.
+
+    Raises:
+        ConfigError: If ``data`` is a manifest path but the run was not trained on a manifest.
+    """
+    if data in ("train", "test"):
+        return build_dataset(recipe, data, artifacts=artifacts, augment=False)
+    if recipe.data.get("name") != "manifest":
+        raise ConfigError(
+            "--data",
+            f"{data!r} is not a split (train|test); a manifest file needs a run trained on the `manifest` dataset",
+        )
+    recipe.data = {**recipe.data, "test_file": str(Path(data).resolve())}
+    return build_dataset(recipe, "test", artifacts=artifacts, augment=False)
+
+
+def text_tokenizer(dataset: MultimodalDataset, modality: str) -> TextTokenizer:
+    """The fitted tokenizer of a text ``modality`` of ``dataset``.
+
+    Datasets keep one ``tokenizer`` (``emoji``) or ``tokenizers`` keyed by the modality
+    (``manifest``) or by the suffix after ``_`` (``emoji-multilingual``: ``text_de`` -> ``de``).
+
+    Raises:
+        ConfigError: If none is found.
+    """
+    many: dict[str, TextTokenizer] = dict(getattr(dataset, "tokenizers", {}))
+    for key in (modality, modality.rpartition("_")[2]):
+        if key in many:
+            return many[key]
+    one = getattr(dataset, "tokenizer", None)
+    if isinstance(one, TextTokenizer) and not many:
+        return one
+    raise ConfigError("--data", f"the dataset has no tokenizer for text modality {modality!r}", sorted(many))
+
+
+def generate_run(
+    run_dir: Path, data: str, out: Path, max_tokens: int | None = None, data_root: str | None = None
+) -> dict[str, float]:
+    """Caption ``data`` greedily with the run's captioning decoder; write ``out`` as JSON lines.
+
+    One line per input whose source modality is present, in input order:
+    ``{"index": i, "id": sample id, "text": caption[, "reference": its own target text]}``.
+    Where inputs carry the target text, the decoder is also scored on it by teacher forcing
+    against a unigram baseline fitted on the run's training split (see ``score_captions``).
+
+    Args:
+        run_dir: A run trained with a captioning objective (e.g. method ``coca``).
+        data: ``train``/``test`` split of the run's dataset, or a manifest file.
+        out: Output ``.jsonl`` file.
+        max_tokens: Most tokens generated per caption (default: the decoder's ``max_len - 1``).
+        data_root: Overrides the recipe's data root.
+
+    Returns:
+        ``{"captions": n}`` plus, with references, ``token_accuracy``, ``perplexity``,
+        ``unigram_token_accuracy``, ``unigram_perplexity`` and ``reference_tokens``.
+
+    Raises:
+        ConfigError: If the run has no captioning objective, ``max_tokens`` does not fit the
+            decoder, or ``data`` is neither a split nor (for a manifest run) a manifest.
+    """
+    recipe, method = load_run(run_dir, data_root)
+    captioner = find_captioner(method)
+    max_tokens = captioner.head.max_len - 1 if max_tokens is None else max_tokens
+    if not 1 <= max_tokens < captioner.head.max_len:
+        raise ConfigError("--max-tokens", f"must be in [1, {captioner.head.max_len - 1}], got {max_tokens}")
+    artifacts = load_artifacts(run_dir)
+    dataset = input_dataset(recipe, data, artifacts)
+    device = resolve_device(recipe.train.device)
+    method.to(device).eval()
+    detokenize = CaptionDetokenizer(text_tokenizer(dataset, captioner.target))
+    loader = make_loader(dataset, recipe.eval.batch_size, shuffle=False, num_workers=recipe.train.num_workers)
+    lines: list[str] = []
+    seen = 0
+    for batch in loader:
+        batch = batch.to(device)
+        ids = greedy_decode(method, method.model, batch, max_tokens).tolist()
+        lines += caption_lines(batch, ids, captioner, detokenize, seen)
+        seen += batch.size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(lines))
+    summary = {"captions": float(len(lines))}
+    scores = score_captions(captioner, method.model, (b.to(device) for b in loader))
+    if scores.tokens:
+        train = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
+        counts = [
+            target_counts(make_loader(d, 256, False), captioner.target, captioner.tokens) for d in (train, dataset)
+        ]
+        unigram = unigram_scores(*counts)
+        summary |= {"token_accuracy": scores.accuracy, "perplexity": scores.perplexity}
+        summary |= {"unigram_token_accuracy": unigram.accuracy, "unigram_perplexity": unigram.perplexity}
+        summary["reference_tokens"] = float(scores.tokens)
+    return summary
+
+
+def caption_lines(
+    batch: Batch, ids: list[list[int]], captioner: Captioning, detokenize: CaptionDetokenizer, start: int
+) -> list[str]:
+    """JSON lines of a batch's captions: rows with the source modality; ``index`` is ``start`` + row."""
+    lines = []
+    source, target = batch.rows(captioner.source).tolist(), captioner.target
+    refs = batch.rows(target).tolist() if target in batch.data else [False] * batch.size
+    for i, row in enumerate(ids):
+        if not source[i]:
+            continue
+        record: dict[str, Any] = {"index": start + i, "id": int(batch.ids[i]), "text": detokenize(row)}
+        if refs[i]:
+            record["reference"] = detokenize(batch.data[target][i].tolist())
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return lines
