@@ -257,3 +257,38 @@ def test_embed_loader_errors() -> None:
     with pytest.raises(EvalInputError, match=r"embedder returned \(5, 4\) for modality 'x'; expected \[4, E\]"):
         embed_loader(bad, [make_batch(0, 4, True)])
     assert bad.training  # restored even on error
+
+
+class _NearestCentre:
+    """A clustering objective stand-in: nearest of fixed centres, optionally not fitted yet."""
+
+    def __init__(self, centres: Tensor, fitted: bool = True) -> None:
+        self.centres, self.fitted, self.seen = centres, fitted, []
+
+    def cluster_assignments(self, embeddings: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.fitted:
+            raise ValueError("not fitted")
+        self.seen.append({m: len(x) for m, x in embeddings.items()})
+        return {m: torch.cdist(x, self.centres).argmin(dim=1) for m, x in embeddings.items()}
+
+
+def test_own_cluster_metrics_score_each_clustering_objective_on_labelled_rows() -> None:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from modalign.eval import own_cluster_metrics
+
+    test = make_set(120, seed=5, noise=0.2)
+    test.labels["digit"][:10] = -1  # unknown labels are left out
+    test.present["text"][10:20] = False  # absent rows are left out too
+    centres = 3.0 * torch.randn(4, 8, generator=torch.Generator().manual_seed(99))
+    good, unfitted = _NearestCentre(centres), _NearestCentre(centres, fitted=False)
+    got = own_cluster_metrics({"xdc": good, "infonce": object(), "late": unfitted}, test, "digit")
+    assert set(got) == {"xdc/image/nmi", "xdc/image/ari", "xdc/text/nmi", "xdc/text/ari"}
+    assert good.seen == [{"image": 110}, {"text": 100}]
+    for m in ("image", "text"):
+        rows = (test.labels["digit"] >= 0) & test.present[m]
+        pred = torch.cdist(test.embeddings[m][rows], centres).argmin(dim=1).numpy()
+        y = test.labels["digit"][rows].numpy()
+        assert got[f"xdc/{m}/nmi"] == pytest.approx(normalized_mutual_info_score(y, pred))
+        assert got[f"xdc/{m}/ari"] == pytest.approx(adjusted_rand_score(y, pred))
+    assert got["xdc/image/nmi"] > 0.8  # the centres are the class centres

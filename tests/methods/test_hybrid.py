@@ -88,11 +88,14 @@ def test_one_backward_trains_every_part_and_the_hooks_run(name: str) -> None:
         assert int(itc.queue_ptr) == (before + 8) % 16
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [({"name": "albef", "itm_weight": -1.0}, "itm_weight"), ({"name": "flava", "masked_weight": -0.5}, "masked_weight"),
-     ({"name": "albef", "modalities": ["text", "text"]}, "modalities")],  # fmt: skip
-)
+BAD = [
+    ({"name": "albef", "itm_weight": -1.0}, "itm_weight"),
+    ({"name": "flava", "masked_weight": -0.5}, "masked_weight"),
+    ({"name": "albef", "modalities": ["text", "text"]}, "modalities"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BAD)
 def test_bad_arguments_name_their_key(method: dict, path: str) -> None:
     with pytest.raises(ConfigError, match=path):
         build(method)

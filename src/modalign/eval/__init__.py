@@ -17,7 +17,7 @@ from modalign.eval.clustering import cluster_scores, kmeans_assignments, kmeans_
 from modalign.eval.embed import EmbeddingSet, EvalInputError, embed_loader
 from modalign.eval.gap import alignment_uniformity, modality_gap
 from modalign.eval.plots import plot_loss_curve, plot_projection, plot_similarity_matrix
-from modalign.eval.report import evaluate_embeddings, format_table, write_eval_json
+from modalign.eval.report import evaluate_embeddings, format_table, own_cluster_metrics, write_eval_json
 from modalign.eval.retrieval import class_match_metrics, first_positive_ranks, retrieval_metrics
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "knn_predict",
     "linear_probe_accuracy",
     "modality_gap",
+    "own_cluster_metrics",
     "plot_loss_curve",
     "plot_projection",
     "plot_similarity_matrix",

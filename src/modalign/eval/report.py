@@ -17,6 +17,10 @@ Key scheme of ``evaluate_embeddings`` (modalities in sorted order, ``a != b``):
   the test rows where ``a`` is present and labelled.
 * ``"{a}|{b}/modality_gap"`` for every unordered pair ``a < b``, over the co-present test rows.
 
+``own_cluster_metrics`` adds, for a method with clustering objectives, ``"{label}/{a}/nmi"`` and
+``"{label}/{a}/ari"``: the objective's own assignments (its centroids or prototypes, not a new
+k-means) of the labelled test rows, scored the same way.
+
 A pair without any co-present test row gets no keys; a pair whose co-present rows all lack the
 label gets no label keys, nor does a modality without a labelled test row get clustering keys.
 Unknown labels are ``-1`` and are always left out.
@@ -28,8 +32,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from modalign.eval.classification import (
@@ -38,7 +45,7 @@ from modalign.eval.classification import (
     linear_probe_accuracy,
     zero_shot_accuracy,
 )
-from modalign.eval.clustering import kmeans_scores
+from modalign.eval.clustering import cluster_scores, kmeans_scores
 from modalign.eval.embed import EmbeddingSet, EvalInputError
 from modalign.eval.gap import modality_gap
 from modalign.eval.retrieval import class_match_metrics, retrieval_metrics
@@ -120,6 +127,49 @@ def _cluster_metrics(test: EmbeddingSet, a: str, label: str, seed: int) -> dict[
         return {}
     scores = kmeans_scores(test.embeddings[a][rows], test.labels[label][rows], seed=seed)
     return {f"{a}/nmi": scores["nmi"], f"{a}/ari": scores["ari"]}
+
+
+@runtime_checkable
+class Clusterer(Protocol):
+    """An objective that clusters embeddings itself (XDC, SeLaVi, MCN)."""
+
+    def cluster_assignments(self, embeddings: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{modality: LongTensor[N]}`` cluster of each row of ``embeddings[modality] [N, E]``."""
+        ...
+
+
+def own_cluster_metrics(
+    objectives: Mapping[str, object], test: EmbeddingSet, label: str, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """NMI and ARI of each clustering objective's own assignments of the labelled test rows.
+
+    Args:
+        objectives: ``{label: objective}`` of a method; those without ``cluster_assignments``
+            are skipped, as is one whose clusters are not fitted yet (it raises ``ValueError``).
+        test: Embedded evaluation split (normalised embeddings, the space the objectives cluster).
+        label: Name of the label in ``test.labels``.
+        device: Where the objectives' centroids live.
+
+    Returns:
+        ``{"<objective label>/<modality>/nmi": float, ".../ari": float}``.
+    """
+    out: dict[str, float] = {}
+    for name, objective in objectives.items():
+        if not isinstance(objective, Clusterer):
+            continue
+        for m in test.modalities:
+            rows = _labelled(test, m, label, "test")
+            if not bool(rows.any()):
+                continue
+            try:
+                with torch.no_grad():
+                    got = objective.cluster_assignments({m: test.embeddings[m][rows].to(device)})
+            except ValueError:
+                break
+            if m in got:
+                scores = cluster_scores(got[m].cpu(), test.labels[label][rows])
+                out |= {f"{name}/{m}/nmi": scores["nmi"], f"{name}/{m}/ari": scores["ari"]}
+    return out
 
 
 def evaluate_embeddings(

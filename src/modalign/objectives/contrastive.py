@@ -168,16 +168,23 @@ def infonce_loss(
     scale = logit_scale.reshape(()).exp()
     targets = g.targets(n, a.device)
     same = g.same_id(ids, n, a.device, ids_b)
-    logits_ab, logits_ba = scale * a @ g.b.T, scale * b @ g.a.T
-    if multi_positive:
-        count = same.sum(dim=1)
-        ce_ab = -(F.log_softmax(logits_ab, dim=1) * same).sum(dim=1).div(count).sum()
-        ce_ba = -(F.log_softmax(logits_ba, dim=1) * same).sum(dim=1).div(count).sum()
-    else:
+    if not multi_positive:
         same[torch.arange(n, device=a.device), targets] = False
-        ce_ab = F.cross_entropy(logits_ab.masked_fill(same, float("-inf")), targets, reduction="sum")
-        ce_ba = F.cross_entropy(logits_ba.masked_fill(same, float("-inf")), targets, reduction="sum")
+    ce_ab = _summed_ce(scale * a @ g.b.T, targets, same, multi_positive)
+    ce_ba = _summed_ce(scale * b @ g.a.T, targets, same, multi_positive)
     return (ce_ab + ce_ba) * (g.weight / (2.0 * g.total))
+
+
+def _summed_ce(logits: Tensor, targets: Tensor, same: Tensor, multi_positive: bool) -> Tensor:
+    """Summed cross-entropy of ``logits [N, M]``: ``same`` entries are positives or left out.
+
+    With ``multi_positive`` each row's loss is the mean negative log-probability of the entries
+    where ``same`` holds (the target included); otherwise ``same`` entries (the target excluded
+    by the caller) are masked out of the softmax and the target is ``targets``.
+    """
+    if multi_positive:
+        return -(F.log_softmax(logits, dim=1) * same).sum(dim=1).div(same.sum(dim=1)).sum()
+    return F.cross_entropy(logits.masked_fill(same, float("-inf")), targets, reduction="sum")
 
 
 @dataclass

@@ -71,23 +71,15 @@ def queue_infonce_loss(
         raise ValueError(
             f"expected q, k [N, E] and queue [K, E]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(queue.shape)}"
         )
-    k = k.detach()
-    n, offset, keys, key_ids, total, weight = q.shape[0], 0, k, ids, q.shape[0], 1
-    if gather and is_initialized():
-        sizes = all_gather_sizes(n, q.device)
-        offset, total, weight = sum(sizes[: rank()]), sum(sizes), world_size()
-        keys = all_gather_no_grad(k, sizes)
-        key_ids = all_gather_no_grad(ids, sizes) if ids is not None else None
+    n = q.shape[0]
+    offset, keys, key_ids, total, weight = _gather_keys(k.detach(), ids, gather)
     if total == 0 or n == 0:
         if not (gather and is_initialized()):
             raise ValueError("queue_infonce_loss got an empty batch")
         return 0.0 * (q.sum() + logit_scale.sum())
     targets = torch.arange(n, device=q.device) + offset
     scale, gallery = logit_scale.reshape(()).exp(), torch.cat([keys, queue.detach()])
-    same = torch.zeros(n, gallery.shape[0], dtype=torch.bool, device=q.device)
-    if ids is not None and key_ids is not None:
-        same = torch.cat([ids[:, None] == key_ids[None, :], _queue_same(ids, queue_ids, queue.shape[0])], dim=1)
-        same[torch.arange(n, device=q.device), targets] = False
+    same = _same_content(ids, key_ids, queue_ids, targets, gallery.shape[0])
     logits = (scale * q @ gallery.T).masked_fill(same, float("-inf"))
     if teacher_q is None or alpha == 0.0:
         return F.cross_entropy(logits, targets, reduction="sum") * (weight / total)
@@ -96,10 +88,31 @@ def queue_infonce_loss(
     return -(soft * log_p).sum() * (weight / total)
 
 
+def _gather_keys(k: Tensor, ids: Tensor | None, gather: bool) -> tuple[int, Tensor, Tensor | None, int, int]:
+    """``(offset, keys, key_ids, total, weight)``: the local keys, or every rank's with ``gather``."""
+    n = k.shape[0]
+    if not (gather and is_initialized()):
+        return 0, k, ids, n, 1
+    sizes = all_gather_sizes(n, k.device)
+    key_ids = all_gather_no_grad(ids, sizes) if ids is not None else None
+    return sum(sizes[: rank()]), all_gather_no_grad(k, sizes), key_ids, sum(sizes), world_size()
+
+
 def _soft_targets(teacher_logits: Tensor, same: Tensor, targets: Tensor, alpha: float) -> Tensor:
     """``alpha * softmax(teacher) + (1 - alpha) * onehot(targets)``; same-content entries get 0."""
     soft = F.softmax(teacher_logits.masked_fill(same, float("-inf")), dim=1)
     return alpha * soft + (1.0 - alpha) * F.one_hot(targets, teacher_logits.shape[1]).to(soft.dtype)
+
+
+def _same_content(
+    ids: Tensor | None, key_ids: Tensor | None, queue_ids: Tensor | None, targets: Tensor, width: int
+) -> Tensor:
+    """``BoolTensor[N, width]``: gallery entries (keys then queue) holding a query's content, target excluded."""
+    if ids is None or key_ids is None:
+        return torch.zeros(targets.shape[0], width, dtype=torch.bool, device=targets.device)
+    same = torch.cat([ids[:, None] == key_ids[None, :], _queue_same(ids, queue_ids, width - key_ids.shape[0])], dim=1)
+    same[torch.arange(targets.shape[0], device=targets.device), targets] = False
+    return same
 
 
 def _queue_same(ids: Tensor, queue_ids: Tensor | None, size: int) -> Tensor:

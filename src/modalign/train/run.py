@@ -23,6 +23,7 @@ from modalign.eval import (
     EmbeddingSet,
     embed_loader,
     evaluate_embeddings,
+    own_cluster_metrics,
     plot_loss_curve,
     plot_projection,
     plot_similarity_matrix,
@@ -155,6 +156,8 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
         knn_k=recipe.eval.knn_k,
         probe=recipe.eval.probe,
     )
+    if recipe.eval.label is not None:
+        metrics |= own_cluster_metrics(dict(method.objectives.items()), test, recipe.eval.label, device)
     write_eval_json(metrics, run_dir / EVAL_FILE)
     if recipe.eval.plots:
         write_plots(recipe, test, run_dir)
