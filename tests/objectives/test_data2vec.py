@@ -7,7 +7,6 @@ helpers shared with MultiMAE are tested in ``test_masked.py``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from modalign.objectives import Data2Vec, data2vec_targets, ema_update
 from modalign.train.build import build_method
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.recipe import validate_recipe
+from support.masked import expected_count, perturb_masked, stem_valid
 
 SPECS = {"image": ModalitySpec("image", channels=1, size=8), "audio": ModalitySpec("audio", channels=6)}
 ENCODERS = {
@@ -51,27 +51,6 @@ def make_batch(n: int = 6, seed: int = 0, absent: dict[str, list[int]] | None = 
         ids=torch.arange(n),
         padding={"audio": torch.arange(10)[None] >= lengths[:, None]},
     )
-
-
-def expected_count(n: int, ratio: float) -> int:
-    return 0 if n == 0 else min(max(1, math.floor(ratio * n + 0.5)), max(n - 1, 1))
-
-
-def stem_valid(method: Method, batch: Batch, m: str) -> Tensor:
-    tokens, padding = method.model.encoders[m].stem(batch.data[m], batch.padding.get(m))
-    valid = torch.ones(tokens.shape[:2], dtype=torch.bool) if padding is None else ~padding
-    return valid & batch.rows(m)[:, None]
-
-
-def perturb_masked(batch: Batch, image_mask: Tensor, audio_mask: Tensor) -> Batch:
-    """A copy of ``batch`` whose masked image patches (4x4) and audio frames (2 per token) are noise."""
-    image, audio = batch.data["image"].clone(), batch.data["audio"].clone()
-    for b, t in image_mask.nonzero().tolist():
-        r, c = divmod(t, 2)
-        image[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 5.0 * torch.randn(1, 4, 4)
-    for b, t in audio_mask.nonzero().tolist():
-        audio[b, :, 2 * t : 2 * t + 2] += 5.0 * torch.randn(6, 2)
-    return Batch({**batch.data, "image": image, "audio": audio}, batch.present, batch.ids, batch.padding)
 
 
 def test_data2vec_targets_average_layer_normalised_outputs() -> None:

@@ -29,6 +29,7 @@ from modalign.objectives import (
 from modalign.objectives.masked import bert_corrupt, dirichlet_ratios, per_row_mean, visible_index
 from modalign.train.build import build_method
 from modalign.train.recipe import expand_method, validate_recipe
+from support.masked import expected_count, perturb_masked, stem_valid
 
 VOCAB = 30  # [PAD]=0 [UNK]=1 [CLS]=2, regular 3..26, [MASK]=27 [BOS]=28 [EOS]=29
 SPECS = {
@@ -66,12 +67,6 @@ def make_batch(n: int = 6, seed: int = 0, absent: dict[str, list[int]] | None = 
         ids=torch.arange(n),
         padding={"audio": torch.arange(10)[None] >= lengths[:, None], "text": text == 0},
     )
-
-
-def expected_count(n: int, ratio: float) -> int:
-    if n == 0:
-        return 0
-    return min(max(1, math.floor(ratio * n + 0.5)), max(n - 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,24 +252,6 @@ def test_bert_corrupt_80_10_10() -> None:
 
 
 MULTIMAE = {"name": "multimae", "decoder_dim": 16, "decoder_heads": 2, "decoder_depth": 1, "mask_ratio": 0.5}
-
-
-def stem_valid(method: Method, batch: Batch, m: str) -> Tensor:
-    """``BoolTensor[B, T]`` of the stem tokens that exist (observed row, not padded)."""
-    tokens, padding = method.model.encoders[m].stem(batch.data[m], batch.padding.get(m))
-    valid = torch.ones(tokens.shape[:2], dtype=torch.bool) if padding is None else ~padding
-    return valid & batch.rows(m)[:, None]
-
-
-def perturb_masked(batch: Batch, image_mask: Tensor, audio_mask: Tensor) -> Batch:
-    """A copy of ``batch`` whose masked image patches (4x4) and audio frames (2 per token) are noise."""
-    image, audio = batch.data["image"].clone(), batch.data["audio"].clone()
-    for b, t in image_mask.nonzero().tolist():
-        r, c = divmod(t, 2)
-        image[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 5.0 * torch.randn(1, 4, 4)
-    for b, t in audio_mask.nonzero().tolist():
-        audio[b, :, 2 * t : 2 * t + 2] += 5.0 * torch.randn(6, 2)
-    return Batch({**batch.data, "image": image, "audio": audio}, batch.present, batch.ids, batch.padding)
 
 
 def test_multimae_masks_the_ratio_and_never_shows_masked_content() -> None:
