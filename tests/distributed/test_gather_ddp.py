@@ -9,22 +9,18 @@ on the full batch. Style of lightly's ``tests/ddp_helpers.py`` (gloo, one port f
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
 from modalign import distributed as mdist
 from modalign.objectives import infonce_loss, sigmoid_loss
+from support.ddp import init_gloo, spawn_ranks
 
 WORLD = 2
 N = 8
@@ -69,9 +65,7 @@ def run_loss(kind: str, a: Tensor, b: Tensor, ids: Tensor, ids_b: Tensor, gather
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
+    init_gloo(rank, port, WORLD)
     try:
         assert mdist.is_initialized() and mdist.rank() == rank and mdist.world_size() == WORLD
         a, b, _, _ = global_batch()
@@ -95,38 +89,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
-    out_dir = tmp_path_factory.mktemp("ddp")
-    set_ifname = "GLOO_SOCKET_IFNAME" not in os.environ
-    if set_ifname:  # loopback only: no network needed
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    # The children unpickle ``_worker`` by its module name (``tests.distributed.test_gather_ddp``
-    # under --import-mode=importlib), so the folder that name is relative to must be on their path.
-    root = str(Path(__file__).resolve().parents[_worker.__module__.count(".")])
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        ctx = mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    finally:
-        if added:
-            sys.path.remove(root)
-        if set_ifname:
-            del os.environ["GLOO_SOCKET_IFNAME"]
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 60 s (deadlock in a collective?)")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD, timeout_s=60)
 
 
 @pytest.mark.parametrize("kind", KINDS)

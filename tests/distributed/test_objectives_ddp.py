@@ -10,17 +10,12 @@ must therefore be global; DCL reads negatives from every rank. Modelled on
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +23,7 @@ from modalign import distributed as mdist
 from modalign.objectives.decoupled import dcl_loss
 from modalign.objectives.momentum import queue_infonce_loss
 from modalign.objectives.noncontrastive import barlow_twins_loss, vicreg_loss
+from support.ddp import init_gloo, spawn_ranks
 
 WORLD = 2
 N = 8
@@ -84,9 +80,7 @@ def run_loss(kind: str, rows: slice, gather: bool) -> dict[str, Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
+    init_gloo(rank, port, WORLD)
     try:
         assert mdist.is_initialized() and mdist.world_size() == WORLD
         results: dict[str, dict[str, Tensor]] = {}
@@ -100,38 +94,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
-    out_dir = tmp_path_factory.mktemp("ddp_objectives")
-    set_ifname = "GLOO_SOCKET_IFNAME" not in os.environ
-    if set_ifname:  # loopback only: no network needed
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    # The children unpickle ``_worker`` by its module name (``tests.distributed.test_objectives_ddp``
-    # under --import-mode=importlib), so the folder that name is relative to must be on their path.
-    root = str(Path(__file__).resolve().parents[_worker.__module__.count(".")])
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        ctx = mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    finally:
-        if added:
-            sys.path.remove(root)
-        if set_ifname:
-            del os.environ["GLOO_SOCKET_IFNAME"]
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 60 s (deadlock in a collective?)")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp_objectives"), WORLD, timeout_s=60)
 
 
 @pytest.mark.parametrize("kind", KINDS)

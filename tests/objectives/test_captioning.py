@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
-import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -38,6 +32,7 @@ from modalign.objectives.captioning import (
 )
 from modalign.train.build import build_method
 from modalign.train.recipe import expand_method, validate_recipe
+from support.ddp import init_gloo, spawn_ranks
 
 TEXTS = [
     "grinning face. face, grin",
@@ -523,9 +518,7 @@ def run_caption(rows: slice, gather: bool, eps: float) -> dict[str, Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
+    init_gloo(rank, port, WORLD)
     try:
         results = {}
         for split in SPLITS:
@@ -541,38 +534,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
-    if not dist.is_available() or not dist.is_gloo_available() or sys.platform in ("win32", "cygwin"):
-        pytest.skip("needs torch.distributed with the gloo backend")
-    out_dir = tmp_path_factory.mktemp("ddp_caption")
-    set_ifname = "GLOO_SOCKET_IFNAME" not in os.environ
-    if set_ifname:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    root = str(Path(__file__).resolve().parents[_worker.__module__.count(".")])
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        ctx = mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    finally:
-        if added:
-            sys.path.remove(root)
-        if set_ifname:
-            del os.environ["GLOO_SOCKET_IFNAME"]
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 60 s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp_caption"), WORLD, timeout_s=60)
 
 
 @pytest.mark.ddp
