@@ -459,3 +459,31 @@ def test_multimae_cli_run_probes_above_chance(data_root: Path, tmp_path: Path) -
     # chance is 0.1 for 10 digits
     assert metrics["audio/linear_probe"] > 0.5 and metrics["image/linear_probe"] > 0.3, metrics
     assert any(k.startswith("loss/multimae/") for k in (run / "metrics.jsonl").read_text().splitlines()[0].split('"'))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), span=st.integers(2, 6), ratio=st.floats(0.05, 0.95))
+def test_span_mask_keeps_the_count_and_masks_contiguous_runs(seed: int, span: int, ratio: float) -> None:
+    torch.manual_seed(seed)
+    lengths = torch.tensor([0, 1, 2, 7, 30, 31])
+    valid = torch.arange(31)[None] < lengths[:, None]
+    mask = random_mask(valid, ratio, span=span)
+    assert not bool((mask & ~valid).any())
+    for row, n in enumerate(lengths.tolist()):
+        k = int(mask[row].sum())
+        assert k == expected_count(n, ratio)
+        if k == 0:
+            continue
+        # runs of masked positions: whole blocks merge, so at most one run per touched block
+        edges = torch.diff(torch.cat([torch.zeros(1), mask[row, :n].float(), torch.zeros(1)]))
+        runs = int((edges == 1).sum())
+        assert runs <= math.ceil(k / span) + 1, (mask[row, :n].int().tolist(), span)
+
+
+def test_span_mask_is_uniform_over_positions_and_bad_span_raises() -> None:
+    torch.manual_seed(0)
+    valid = torch.ones(4000, 20, dtype=torch.bool)
+    freq = random_mask(valid, 0.5, span=4).float().mean(dim=0)
+    assert float((freq - 0.5).abs().max()) < 0.05, freq
+    with pytest.raises(ValueError, match="span"):
+        random_mask(valid, 0.5, span=0)

@@ -98,6 +98,7 @@ def data2vec(
     beta: float = 1.0,
     target_norm: Literal["layer", "instance"] = "layer",
     pooled_weight: float = 0.0,
+    mask_span: int = 1,
 ) -> list[dict[str, Any]]:
     """data2vec: masked prediction of an EMA teacher's top-K block average (Baevski et al. 2022).
 
@@ -111,7 +112,9 @@ def data2vec(
         beta: Threshold of the smooth L1 loss.
         target_norm: Normalisation of each teacher layer: ``"layer"`` (vision/text) or ``"instance"`` (speech).
         pooled_weight: Weight of data2vec 2.0's regression of the mean target by the pooled output (0: off).
+        mask_span: Mask contiguous spans of this many tokens (1: single tokens).
     """
     entry: dict[str, Any] = {"name": "data2vec", "mask_ratio": mask_ratio, "top_k": top_k, "tau0": tau0, "tau1": tau1}
     entry |= {"loss": loss, "beta": beta, "target_norm": target_norm, "pooled_weight": pooled_weight}
+    entry["mask_span"] = mask_span
     return [{**entry, **_drop_none(modalities=modalities)}]

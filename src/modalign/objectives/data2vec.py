@@ -156,6 +156,8 @@ class Data2Vec(Objective):
         beta: Threshold of the smooth L1 loss.
         target_norm: ``"layer"`` (data2vec vision/text) or ``"instance"`` (speech) per layer.
         pooled_weight: Weight of the pooled-output regression (0: off).
+        mask_span: Mask contiguous spans of this many tokens (``random_mask``; data2vec speech: 10
+            frames), 1: single tokens.
 
     Raises:
         ConfigError: On an invalid ``mask_ratio``/``tau``, or (in ``bind``) an unknown modality,
@@ -173,6 +175,7 @@ class Data2Vec(Objective):
         beta: float = 1.0,
         target_norm: Literal["layer", "instance"] = "layer",
         pooled_weight: float = 0.0,
+        mask_span: int = 1,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -189,6 +192,9 @@ class Data2Vec(Objective):
         self.mask_ratio, self.top_k, self.tau0, self.tau1 = mask_ratio, top_k, tau0, tau1
         self.kind, self.beta = loss, beta
         self.target_norm, self.pooled_weight = target_norm, pooled_weight
+        if mask_span < 1:
+            raise ConfigError("mask_span", f"must be >= 1, got {mask_span}")
+        self.mask_span = mask_span
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -238,7 +244,7 @@ class Data2Vec(Objective):
             layers = block_outputs(teacher, t_tokens, t_padding, self.top_k)
             target = data2vec_targets(layers, self.target_norm, t_padding)
         tokens, stem_padding = encoder.stem(x, padding)
-        mask = random_mask(valid_tokens(tokens, stem_padding), self.mask_ratio)
+        mask = random_mask(valid_tokens(tokens, stem_padding), self.mask_ratio, self.mask_span)
         position_tokens, _ = encoder.stem(torch.zeros_like(x), padding)
         out = encoder.trunk(replace_masked(tokens, position_tokens, mask, self.mask_embeddings[m]), stem_padding)
         extras = MaskedTokens(index, mask, target).extras(m, self.heads[m](out.tokens[mask]))

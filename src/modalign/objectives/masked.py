@@ -141,16 +141,21 @@ def masked_token_loss(logits: Tensor, target: Tensor, rows: Tensor) -> Tensor:
 # Masking
 
 
-def random_mask(valid: Tensor, ratio: float | Tensor) -> Tensor:
-    """Choose ``k`` of each row's ``n`` valid positions uniformly at random.
+def random_mask(valid: Tensor, ratio: float | Tensor, span: int = 1) -> Tensor:
+    """Choose ``k`` of each row's ``n`` valid positions at random, singly or in spans.
 
     ``k = floor(ratio * n + 0.5)`` clamped to ``[1, max(n - 1, 1)]`` (at least one masked
     position and, from two valid positions on, at least one visible), ``0`` when ``n == 0``.
-    Uses torch's global generator.
+    With ``span > 1`` the sequence is cut into blocks of ``span`` positions (the cut shifted by
+    a random offset per row) and whole blocks are masked in random order, the last one only
+    partly when ``k`` is not a multiple: contiguous spans, as data2vec masks speech frames
+    (Baevski et al. 2022) and wav2vec 2.0 before it, so a masked token cannot be read off its
+    immediate neighbours. ``span=1`` is uniform sampling. Uses torch's global generator.
 
     Args:
         valid: ``BoolTensor[B, T]``, ``True`` where a position may be masked.
         ratio: Fraction to mask, a float in ``(0, 1)`` or one per row, ``Tensor[B]`` in ``[0, 1]``.
+        span: Length of the masked spans along ``T`` (``>= 1``).
 
     Returns:
         ``BoolTensor[B, T]``, ``True`` = masked; never ``True`` where ``valid`` is ``False``.
@@ -166,10 +171,19 @@ def random_mask(valid: Tensor, ratio: float | Tensor) -> Tensor:
         ratio = ratio.double()
     elif not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    if span < 1:
+        raise ValueError(f"span must be >= 1, got {span}")
     n = valid.sum(dim=1)
     k = torch.floor(ratio * n.double() + 0.5).long().clamp(min=1)
     k = torch.minimum(k, (n - 1).clamp(min=1)).masked_fill(n == 0, 0)
-    noise = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, 2.0)
+    noise = torch.rand(valid.shape, device=valid.device)
+    if span > 1:  # one score per block: a block's positions take consecutive ranks
+        rows, steps = valid.shape
+        offset = torch.randint(0, span, (rows, 1), device=valid.device)
+        block = (torch.arange(steps, device=valid.device)[None] + offset) // span
+        scores = torch.rand(rows, steps // span + 2, device=valid.device)
+        noise = scores.gather(1, block) + noise * 1e-3 / scores.shape[1]  # random order inside a block
+    noise = noise.masked_fill(~valid, 2.0)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return rank < k[:, None]
 
