@@ -89,6 +89,24 @@ def _child(recipe: str, run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _untrained(recipe: str, run_dir: Path) -> dict[str, float]:
+    """The evaluation of ``recipe``'s towers at their seeded initialisation (no training step)."""
+    import torch
+
+    from modalign.train.build import build_dataset, build_method
+    from modalign.train.loop import seed_everything
+    from modalign.train.recipe import load_recipe
+    from modalign.train.run import evaluate_method, prepare_run_dir, save_artifacts
+
+    loaded = load_recipe(recipe, ["eval.plots=false"])
+    prepare_run_dir(loaded, run_dir, resume=False)
+    seed_everything(loaded.train.seed)
+    train_ds = build_dataset(loaded, "train")
+    save_artifacts(train_ds, run_dir)
+    method = build_method(loaded, train_ds.modalities).eval()
+    return evaluate_method(loaded, method, run_dir, torch.device("cpu"))
+
+
 def _raw_probes() -> dict[str, float]:
     """Linear probes on raw inputs of av-digits (pixels; log-mel mean and std per mel bin)."""
     import torch
@@ -177,6 +195,10 @@ def write_doc(results: dict[str, Any]) -> None:
         commands.append(f"- `{res['command']}` ({res['seconds']:.0f} s, {res['machine']}{load})")
     sep = lambda t: [t[0], "|" + "---|" * t[0].count(" | ") + "---|", *t[1:]]  # noqa: E731
     raw_line = ", ".join(f"{k} {v:.3f}" for k, v in raw.items()) or "not measured"
+    untrained_line = "; ".join(
+        f"`{name}` " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(vals.items()))
+        for name, vals in results.get("untrained", {}).items()
+    )
     text = [
         "# Objectives benchmark",
         "",
@@ -195,7 +217,9 @@ def write_doc(results: dict[str, Any]) -> None:
         "",
         "XDC (each modality predicts the other's k-means clusters through its own classifier) and the",
         "masked-prediction rows (multimae, data2vec) learn no shared space: cross-modal p@1 is not",
-        "reported for them. *image NMI (k-means)*: k-means with k = 10 on the test embeddings;",
+        "reported for them. Their untrained towers (seeded initialisation, no step) give: "
+        + (untrained_line or "not measured")
+        + ". *image NMI (k-means)*: k-means with k = 10 on the test embeddings;",
         "*own clusters*: the clustering objective's own assignments (its centroids or prototypes).",
         "",
         "## emoji (image ↔ English text), 400 held-out emoji",
@@ -221,6 +245,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="Folder of the run directories.")
     parser.add_argument("--table", action="store_true", help="Only rewrite docs/objectives.md from the JSON.")
     parser.add_argument("--no-raw", action="store_true", help="Skip the raw-input probes.")
+    parser.add_argument("--untrained", nargs="*", default=[], help="Also evaluate these rows' untrained towers.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,6 +265,11 @@ def main() -> None:
             results["rows"][name] = res
             print(name, json.dumps({k: v for k, v in res.items() if k != "metrics"}), flush=True)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+        for name in args.untrained:
+            metrics = _untrained(name, args.runs / f"{name}-untrained")
+            keep = ("image/linear_probe", "audio/linear_probe", "image/nmi")
+            results.setdefault("untrained", {})[name] = {k: metrics[k] for k in keep if k in metrics}
             RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
     write_doc(results)
     print(DOC.read_text())
