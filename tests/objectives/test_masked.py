@@ -461,7 +461,7 @@ def test_multimae_cli_run_probes_above_chance(data_root: Path, tmp_path: Path) -
     assert any(k.startswith("loss/multimae/") for k in (run / "metrics.jsonl").read_text().splitlines()[0].split('"'))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 10_000), span=st.integers(2, 6), ratio=st.floats(0.05, 0.95))
 def test_span_mask_keeps_the_count_and_masks_contiguous_runs(seed: int, span: int, ratio: float) -> None:
     torch.manual_seed(seed)
@@ -474,10 +474,13 @@ def test_span_mask_keeps_the_count_and_masks_contiguous_runs(seed: int, span: in
         assert k == expected_count(n, ratio)
         if k == 0:
             continue
-        # runs of masked positions: whole blocks merge, so at most one run per touched block
+        # Runs of masked positions: at most one per touched block, and every touched block is
+        # whole except the row's first block (cut by the random offset), the block cut by the
+        # end of the valid positions and the last one chosen (partly masked): at most three
+        # short blocks, so at most ceil(k / span) + 3 runs (uniform masking gives about k/2).
         edges = torch.diff(torch.cat([torch.zeros(1), mask[row, :n].float(), torch.zeros(1)]))
         runs = int((edges == 1).sum())
-        assert runs <= math.ceil(k / span) + 1, (mask[row, :n].int().tolist(), span)
+        assert runs <= math.ceil(k / span) + 3, (mask[row, :n].int().tolist(), span)
 
 
 def test_span_mask_is_uniform_over_positions_and_bad_span_raises() -> None:
