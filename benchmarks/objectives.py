@@ -166,6 +166,18 @@ def _emoji_cells(row: Row, m: dict[str, float]) -> list[str]:
     return [_fmt(m.get(k), c) for k, c in zip(keys, chances, strict=True)]
 
 
+def _versus_untrained(name: str, untrained: dict[str, float], results: dict[str, Any]) -> str:
+    """`` (trained: above on image, audio)``: where training moved each probe past its initialisation."""
+    trained = results.get("rows", {}).get(name, {}).get("metrics", {})
+    verdicts = []
+    for m in ("image", "audio"):
+        key = f"{m}/linear_probe"
+        if key in trained and key in untrained:
+            above = trained[key] > untrained[key]
+            verdicts.append(f"{m} {trained[key]:.3f} {'above' if above else '**not above**'}")
+    return f" (trained: {', '.join(verdicts)})" if verdicts else ""
+
+
 def write_doc(results: dict[str, Any]) -> None:
     """Rewrite ``docs/objectives.md`` from the merged results."""
     raw = results.get("raw_probes", {})
@@ -196,7 +208,9 @@ def write_doc(results: dict[str, Any]) -> None:
     sep = lambda t: [t[0], "|" + "---|" * t[0].count(" | ") + "---|", *t[1:]]  # noqa: E731
     raw_line = ", ".join(f"{k} {v:.3f}" for k, v in raw.items()) or "not measured"
     untrained_line = "; ".join(
-        f"`{name}` " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(vals.items()))
+        f"`{name}` "
+        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(vals.items()))
+        + _versus_untrained(name, vals, results)
         for name, vals in results.get("untrained", {}).items()
     )
     text = [
