@@ -229,6 +229,13 @@ def _empty_pair(outputs: Outputs, embed_dim: int, like: Tensor) -> Pair:
     return Pair(empty, empty, ids, ids)
 
 
+def _check_clustering(clusters: int, iterations: int, temperature: float) -> None:
+    """Raise ``ConfigError`` unless ``clusters >= 2``, ``iterations >= 1`` and ``temperature > 0``."""
+    if clusters < 2 or iterations < 1:
+        raise ConfigError("clusters", f"need clusters >= 2 and iterations >= 1, got {clusters} and {iterations}")
+    _check_positive(temperature=temperature)
+
+
 def _check_positive(**values: float) -> None:
     """Raise a ``ConfigError`` naming the first argument that is not strictly positive."""
     for key, value in values.items():
@@ -285,9 +292,7 @@ class XDC(PairObjective):
         gather: bool = False,
     ) -> None:
         super().__init__(modalities, "xdc")
-        if clusters < 2 or iterations < 1:
-            raise ConfigError("clusters", f"need clusters >= 2 and iterations >= 1, got {clusters} and {iterations}")
-        _check_positive(temperature=temperature)
+        _check_clustering(clusters, iterations, temperature)
         self.clusters, self.temperature, self.iterations = clusters, temperature, iterations
         self.seed, self.gather = seed, gather
         self.embed_dim = 0
@@ -528,9 +533,7 @@ class MCNCluster(Objective):
         gather: bool = False,
     ) -> None:
         super().__init__()
-        if clusters < 2 or iterations < 1:
-            raise ConfigError("clusters", f"need clusters >= 2 and iterations >= 1, got {clusters} and {iterations}")
-        _check_positive(temperature=temperature)
+        _check_clustering(clusters, iterations, temperature)
         if modalities is not None and (not modalities or len(set(modalities)) != len(modalities)):
             raise ConfigError("modalities", f"mcn_cluster needs distinct modality names, got {modalities}")
         self._modalities = tuple(modalities) if modalities is not None else None
