@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from modalign.core.errors import ConfigError
 from modalign.encoders import AudioTransformer, ImageViT, SeriesTransformer, TextTransformer
 from modalign.train.checkpoint import WEIGHTS, load_weights
 
@@ -99,3 +100,22 @@ def test_series_transformer_loads_checkpoints_saved_before_the_stem_rename(tmp_p
     load_weights(tmp_path, loaded)
     x = torch.randn(2, 3, 6)
     torch.testing.assert_close(loaded(x).pooled, saved(x).pooled)
+
+
+def test_vit_mean_pool_is_the_mean_of_the_valid_patch_tokens() -> None:
+    torch.manual_seed(0)
+    cls_enc = ImageViT(1, image_size=8, patch=4, dim=8, depth=1, heads=2).eval()
+    mean_enc = ImageViT(1, image_size=8, patch=4, dim=8, depth=1, heads=2, pool="mean").eval()
+    mean_enc.load_state_dict(cls_enc.state_dict())  # same weights: only what `pooled` reads differs
+    x = torch.randn(3, 1, 8, 8)
+    a, b = cls_enc(x), mean_enc(x)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    torch.testing.assert_close(b.pooled, a.tokens.mean(dim=1))
+    assert not torch.allclose(a.pooled, b.pooled)
+    # a gathered subset with padding (MAE-style): padded positions are left out of the mean
+    tokens, _ = mean_enc.stem(x)
+    padding = torch.tensor([[False, False, True, True]] * 3)
+    out = mean_enc.trunk(tokens, padding)
+    torch.testing.assert_close(out.pooled, out.tokens[:, :2].mean(dim=1))
+    with pytest.raises(ConfigError, match="pool"):
+        ImageViT(1, image_size=8, patch=4, pool="max")  # type: ignore[arg-type]

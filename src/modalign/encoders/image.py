@@ -5,7 +5,7 @@ Both read ``FloatTensor[B, C, H, W]`` and ignore ``padding`` (images are never p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.modules import Encoder
 from modalign.core.registry import register
 from modalign.core.types import EncoderOutput, ModalitySpec
-from modalign.nn.layers import PatchEmbed2d, Transformer, check_tokens, conv_bn_relu
+from modalign.nn.layers import PatchEmbed2d, Transformer, check_tokens, conv_bn_relu, masked_mean
 
 
 def _check_image(x: Tensor, channels: int, name: str) -> None:
@@ -81,7 +81,10 @@ class ImageViT(Encoder):
     Input ``FloatTensor[B, C, S, S]`` with ``S = image_size``. Non-overlapping ``patch x patch``
     patches are embedded, a learned [CLS] token and learned positions are added, and pre-norm
     transformer blocks follow. ``tokens`` are the patch tokens ``[B, (S/patch)^2, dim]``;
-    ``pooled`` is the final [CLS] token ``[B, dim]``; ``padding`` is ``None``.
+    ``pooled`` is the final [CLS] token ``[B, dim]`` (``pool="cls"``) or the mean of the final
+    patch tokens over the valid ones (``pool="mean"``, global average pooling, which MAE and
+    data2vec read for linear probing when the [CLS] token is not trained by the objective);
+    ``padding`` is ``None``.
 
     Token stem (see ``Encoder``): ``stem`` embeds patches and adds their positions, ``trunk``
     prepends [CLS] to whichever patches it is given (MAE's encoder, He et al. 2022), and
@@ -96,6 +99,7 @@ class ImageViT(Encoder):
         heads: Attention heads (must divide ``dim``).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
+        pool: ``"cls"`` or ``"mean"``, what ``pooled`` is.
     """
 
     kind = "image"
@@ -111,10 +115,14 @@ class ImageViT(Encoder):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        pool: Literal["cls", "mean"] = "cls",
     ) -> None:
         super().__init__()
         if image_size % patch != 0:
             raise ConfigError("patch", f"patch={patch} must divide image_size={image_size}")
+        if pool not in ("cls", "mean"):
+            raise ConfigError("pool", f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
         self.in_channels = in_channels
         self.image_size = image_size
         self.dim = self.stem_dim = dim
@@ -162,7 +170,8 @@ class ImageViT(Encoder):
             padding: ``BoolTensor[B, T]`` (rows keeping fewer patches) or ``None``.
 
         Returns:
-            ``tokens [B, T, dim]`` (patches), ``pooled [B, dim]`` ([CLS]), ``padding`` as given.
+            ``tokens [B, T, dim]`` (patches), ``pooled [B, dim]`` ([CLS] or the mean of the
+            valid patches, after ``pool``), ``padding`` as given.
 
         Raises:
             ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
@@ -171,7 +180,8 @@ class ImageViT(Encoder):
         cls = (self.cls + self.pos[:, :1]).expand(tokens.shape[0], -1, -1)
         full = None if padding is None else torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)
         h = self.transformer(torch.cat([cls, tokens], dim=1), full)
-        return EncoderOutput(tokens=h[:, 1:], pooled=h[:, 0], padding=padding)
+        pooled = h[:, 0] if self.pool == "cls" else masked_mean(h[:, 1:], padding)
+        return EncoderOutput(tokens=h[:, 1:], pooled=pooled, padding=padding)
 
     def targets(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         """Pixels of each patch, ``FloatTensor[B, N, C * patch * patch]`` in stem order.
