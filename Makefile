@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # Set e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on machines without a local CPU wheel.
 TORCH_INDEX ?=
-export MODALIGN_DATA ?= $(abspath ../shared/data)
+# Datasets: $MODALIGN_DATA if set, else ../shared/data when it exists, else (left empty) the
+# per-user cache that `modalign train` downloads built-in datasets into on first use.
+export MODALIGN_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 RUN_DIR ?= runs/av-digits-clip
 
 .PHONY: setup train test test-all lint type imports bench clean

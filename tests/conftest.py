@@ -13,7 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The real-data folder; skips the test when it is absent."""
-    root = Path(os.environ.get("MODALIGN_DATA", str(REPO_ROOT.parent / "shared" / "data")))
+    root = Path(os.environ.get("MODALIGN_DATA") or str(REPO_ROOT.parent / "shared" / "data"))
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set MODALIGN_DATA=DIR)")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network_downloads(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never download: a first-use fetch reads from an empty mirror unless a test sets one."""
+    if "MODALIGN_MIRROR" not in os.environ:
+        os.environ["MODALIGN_MIRROR"] = str(tmp_path_factory.mktemp("no-network-mirror"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -196,7 +198,26 @@ def fetch(
     typer.echo(f"installed {len(files)} file(s) under {root}")
 
 
+@contextmanager
+def _download_bar(name: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar for first-use dataset downloads (tqdm; off when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=f"fetch {name}", unit="B", unit_scale=True, disable=None, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            if total and bar.total != total:
+                bar.reset(total=total)
+            bar.update(done - bar.n)
+
+        yield progress
+
+
 def main() -> None:
     """Console entry point."""
+    from modalign.data.locate import set_download_progress
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if sys.stderr.isatty():
+        set_download_progress(_download_bar)
     app()

@@ -30,7 +30,8 @@ from torch import Tensor
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split
+from modalign.data.locate import dataset_root
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform
 
@@ -139,7 +140,8 @@ class AVDigits(MultimodalDataset):
     """MNIST digits paired with FSDD spoken digits (modalities ``image`` and ``audio``).
 
     Args:
-        root: Data root (``None``: ``$MODALIGN_DATA``).
+        root: Data root, only read (``None``: the per-user data cache, downloaded into on first use;
+            see ``modalign.data.locate``).
         split: ``"train"`` (5 000 images, FSDD takes 5-49) or ``"test"`` (10 000 images,
             takes 0-4).
         seed: Seeds the pairing (and the ``test_size`` subset).
@@ -171,9 +173,8 @@ class AVDigits(MultimodalDataset):
         repair_each_epoch: bool = True,
     ) -> None:
         check_split(NAME, split)
-        base = resolve_data_root(root)
         files = [TRAIN_IMAGES] if split == "train" else [TEST_IMAGES, TEST_LABELS]
-        require_files(NAME, base, [*files, RECORDINGS], hint=HINT)
+        base = dataset_root(NAME, root, [*files, RECORDINGS], hint=HINT)
         self.split = split
         self.seed = seed
         self.augment = split == "train" if augment is None else augment

@@ -19,7 +19,8 @@ import numpy as np
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split
+from modalign.data.locate import dataset_root
 from modalign.data.transforms.series import SeriesTransform, paired_crop_window
 
 NAME = "basicmotions"
@@ -96,7 +97,8 @@ class BasicMotions(MultimodalDataset):
     """Accelerometer (``accel``) and gyroscope (``gyro``) series, 3 channels each.
 
     Args:
-        root: Data root (``None``: ``$MODALIGN_DATA``).
+        root: Data root, only read (``None``: the per-user data cache, downloaded into on first use;
+            see ``modalign.data.locate``).
         split: ``"train"`` (40 series) or ``"test"`` (40 series).
         seed: Unused (no seeded state); augmentation draws from the torch RNG.
         augment: Random crop window (shared by both sensors) plus jitter/scale (``None``: on
@@ -123,8 +125,7 @@ class BasicMotions(MultimodalDataset):
         check_split(NAME, split)
         if crop < 1:
             raise ConfigError("crop", f"must be a positive number of steps, got {crop}")
-        base = resolve_data_root(root)
-        require_files(NAME, base, list(FILES.values()), hint=HINT)
+        base = dataset_root(NAME, root, list(FILES.values()), hint=HINT)
         self.split = split
         self.seed = seed
         self.augment = split == "train" if augment is None else augment

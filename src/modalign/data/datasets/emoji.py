@@ -28,7 +28,8 @@ from torch import Tensor
 from modalign.core.errors import DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split
+from modalign.data.locate import dataset_root
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
 
@@ -234,7 +235,8 @@ class EmojiDataset(MultimodalDataset):
     """Twemoji images (``image``, ``[3, S, S]``) with CLDR names and keywords (``text``).
 
     Args:
-        root: Data root (``None``: ``$MODALIGN_DATA``).
+        root: Data root, only read (``None``: the per-user data cache, downloaded into on first use;
+            see ``modalign.data.locate``).
         split: ``"train"`` or ``"test"`` (the fixed 400 held-out base emoji).
         seed: Unused by the split (fixed); augmentation draws from the torch RNG.
         augment: Random image affine (``None``: on for ``train``).
@@ -271,8 +273,7 @@ class EmojiDataset(MultimodalDataset):
         min_frequency: int = 1,
     ) -> None:
         check_split(NAME, split)
-        base = resolve_data_root(root)
-        require_files(NAME, base, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
+        base = dataset_root(NAME, root, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
         require_artifacts(NAME, split, artifacts, [TOKENIZER_FILE])
         self.split = split
         self.seed = seed

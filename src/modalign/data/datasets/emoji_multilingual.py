@@ -40,7 +40,8 @@ from torch import Tensor
 from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset, check_split, require_files, resolve_data_root
+from modalign.data.base import MultimodalDataset, check_split
+from modalign.data.locate import dataset_root
 from modalign.data.datasets.emoji import (
     EMOJI_JSON,
     IMAGES,
@@ -124,7 +125,8 @@ class EmojiMultilingualDataset(MultimodalDataset):
     """Twemoji images (``image``, ``[3, S, S]``) with CLDR texts in each language (``text_<lang>``).
 
     Args:
-        root: Data root (``None``: ``$MODALIGN_DATA``).
+        root: Data root, only read (``None``: the per-user data cache, downloaded into on first use;
+            see ``modalign.data.locate``).
         split: ``"train"`` or ``"test"`` (the fixed 400 held-out base emoji of ``emoji``).
         seed: Unused by the split (fixed); augmentation draws from the torch RNG.
         augment: Random image affine (``None``: on for ``train``).
@@ -160,9 +162,8 @@ class EmojiMultilingualDataset(MultimodalDataset):
     ) -> None:
         check_split(NAME, split)
         self.languages = check_languages(languages)
-        base = resolve_data_root(root)
         files = [EMOJI_JSON, LABELS_JSON, *(labels_file(lang) for lang in self.languages), IMAGES]
-        require_files(NAME, base, list(dict.fromkeys(files)), hint=HINT)
+        base = dataset_root(NAME, root, list(dict.fromkeys(files)), hint=HINT)
         require_artifacts(NAME, split, artifacts, [tokenizer_file(lang) for lang in self.languages])
         self.split = split
         self.seed = seed
