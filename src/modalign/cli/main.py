@@ -1,4 +1,4 @@
-"""The ``modalign`` command line: train, eval, embed, generate, recipes, datasets.
+"""The ``modalign`` command line: train, eval, report, embed, generate, recipes, datasets.
 
 A thin layer over ``modalign.train`` and ``modalign.data``: every command parses options,
 calls one library function and prints its result. Errors that modalign raises on purpose are
@@ -64,7 +64,8 @@ def train(
         folder = run_dir or Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         typer.echo(f"run directory: {folder}")
         start = time.perf_counter()
-        metrics = train_run(rec, folder, resume=resume, max_epochs=max_epochs)
+        command = _train_command(recipe, overrides or [], folder, data_root, resume, max_epochs)
+        metrics = train_run(rec, folder, resume=resume, max_epochs=max_epochs, command=command)
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
     if metrics is None:
@@ -74,12 +75,22 @@ def train(
     typer.echo(f"done in {time.perf_counter() - start:.0f} s; metrics in {folder / 'eval.json'}")
 
 
+def _train_command(
+    recipe: str, overrides: list[str], run_dir: Path, data_root: Path | None, resume: bool, max_epochs: int | None
+) -> list[str]:
+    """The ``modalign train`` command line of these arguments (with the run directory chosen)."""
+    args = ["modalign", "train", recipe, *overrides, "--run-dir", str(run_dir)]
+    args += ["--data-root", str(data_root)] if data_root is not None else []
+    args += [] if resume else ["--no-resume"]
+    return args + (["--max-epochs", str(max_epochs)] if max_epochs is not None else [])
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
     data_root: DataRootOpt = None,
 ) -> None:
-    """Re-evaluate a run's latest checkpoint; rewrites RUN_DIR/eval.json and plots."""
+    """Re-evaluate a run's latest checkpoint; rewrites RUN_DIR/eval.json, plots and report.html."""
     from modalign.train.run import evaluate_run
 
     try:
@@ -87,6 +98,22 @@ def evaluate(
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(format_table(metrics))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output HTML file (default: RUN_DIR/report.html).")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Write one self-contained HTML report of a run: metrics, plots, retrieval examples, config."""
+    from modalign.train.run import report_run
+
+    try:
+        path = report_run(run_dir, out, str(data_root) if data_root else None)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command()

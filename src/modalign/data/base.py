@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from modalign.core.errors import ConfigError, MissingDataRootError
 from modalign.core.types import ModalitySpec, Sample
+from modalign.data.preview import Preview, sample_previews
 
 DATA_ENV = "MODALIGN_DATA"
 
@@ -51,6 +52,14 @@ class MultimodalDataset(Dataset[Sample], ABC):
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed per-epoch randomness (re-pairing, augmentation). Default: nothing."""
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """Viewable forms of sample ``index``'s values (pixels, waveform, text), for reports.
+
+        Default: built from the transformed sample (``data.preview.sample_previews``); datasets
+        that keep the source (waveforms, raw text) override it to return that.
+        """
+        return sample_previews(self, index)
 
     def artifacts(self) -> dict[str, str]:
         """Fitted state a run must keep to rebuild this dataset's transforms.

@@ -264,3 +264,37 @@ def plot_projection(
     ax.set_xticks([])
     ax.set_yticks([])
     return _save(fig, out)
+
+
+def plot_signal(values: np.ndarray, out: str | Path, image: bool = False) -> Path:
+    """Small thumbnail of one sample's values: a line per channel, or a heat map.
+
+    Args:
+        values: ``[T]`` or ``[D]`` (one line), ``[C, T]`` (one line per channel, or rows of a
+            heat map such as log-mel features when ``image``).
+        out: PNG path to write.
+        image: Draw ``[C, T]`` as a heat map (low channel at the bottom) instead of lines.
+
+    Returns:
+        The path written.
+
+    Raises:
+        EvalInputError: If ``values`` is not 1-D or 2-D, or is empty.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise EvalInputError(f"values: expected a non-empty [T] or [C, T] array, got shape {arr.shape}")
+    fig, ax = plt.subplots(figsize=(2.4, 1.6))
+    if image and arr.ndim == 2:
+        ax.imshow(arr, origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
+    else:
+        for i, row in enumerate(np.atleast_2d(arr)):
+            ax.plot(row, linewidth=1, color=f"C{i % 10}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout(pad=0.1)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=60)
+    plt.close(fig)
+    return path

@@ -84,6 +84,7 @@ class EvalConfig(_Section):
     probe: bool = Field(True, description="Fit linear probes and kNN on train embeddings.")
     plots: bool = Field(True, description="Write PNG plots into RUN_DIR/plots.")
     projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of test embeddings.")
+    report: bool = Field(True, description="Write RUN_DIR/report.html (see `modalign report`) after evaluation.")
     batch_size: int = Field(512, gt=0, description="Batch size for embedding the data.")
 
 

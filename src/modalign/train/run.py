@@ -43,6 +43,7 @@ from modalign.train.build import build_dataset, build_method, make_loader, resol
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
 from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
 from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
+from modalign.train.run_report import record_command, write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,11 @@ def load_artifacts(run_dir: Path) -> dict[str, str]:
 
 
 def train_run(
-    recipe: Recipe, run_dir: Path, resume: bool = True, max_epochs: int | None = None
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = True,
+    max_epochs: int | None = None,
+    command: list[str] | None = None,
 ) -> dict[str, float] | None:
     """Train the recipe in ``run_dir`` (resuming if possible), then evaluate.
 
@@ -93,11 +98,14 @@ def train_run(
         run_dir: Run directory.
         resume: Continue from the latest checkpoint of ``run_dir``.
         max_epochs: Stop after this many epochs in this call (the run stays resumable).
+        command: The command line of this call, appended to ``RUN_DIR/command.txt``.
 
     Returns:
         The flat test metrics, or ``None`` if the run stopped before its last epoch.
     """
     prepare_run_dir(recipe, run_dir, resume)
+    if command:
+        record_command(run_dir, command)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
@@ -143,7 +151,8 @@ def embed_split(recipe: Recipe, method: Method, dataset: MultimodalDataset, devi
 def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch.device) -> dict[str, float]:
     """Embed train and test splits, compute the flat metrics, write ``eval.json`` and plots."""
     artifacts = load_artifacts(run_dir)
-    test = embed_split(recipe, method, build_dataset(recipe, "test", artifacts=artifacts, augment=False), device)
+    test_ds = build_dataset(recipe, "test", artifacts=artifacts, augment=False)
+    test = embed_split(recipe, method, test_ds, device)
     train = None
     if recipe.eval.probe and recipe.eval.label is not None:
         train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
@@ -161,6 +170,8 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
     write_eval_json(metrics, run_dir / EVAL_FILE)
     if recipe.eval.plots:
         write_plots(recipe, test, run_dir)
+    if recipe.eval.report:
+        write_run_report(run_dir, recipe, (run_dir / CONFIG_FILE).read_text(), metrics, test, test_ds)
     return metrics
 
 
@@ -198,6 +209,20 @@ def evaluate_run(run_dir: Path, data_root: str | None = None) -> dict[str, float
     """Re-evaluate the latest checkpoint of ``run_dir`` (writes ``eval.json`` and plots)."""
     recipe, method = load_run(run_dir, data_root)
     return evaluate_method(recipe, method, run_dir, resolve_device(recipe.train.device))
+
+
+def report_run(run_dir: Path, out: Path | None = None, data_root: str | None = None) -> Path:
+    """Write the HTML report of ``run_dir`` from its latest checkpoint (default ``RUN_DIR/report.html``).
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` has no config or no complete checkpoint.
+    """
+    recipe, method = load_run(run_dir, data_root)
+    dataset = build_dataset(recipe, "test", artifacts=load_artifacts(run_dir), augment=False)
+    test = embed_split(recipe, method, dataset, resolve_device(recipe.train.device))
+    eval_path = run_dir / EVAL_FILE
+    metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    return write_run_report(run_dir, recipe, (run_dir / CONFIG_FILE).read_text(), metrics, test, dataset, out)
 
 
 def save_embeddings(emb: EmbeddingSet, out: Path) -> Path:

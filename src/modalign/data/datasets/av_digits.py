@@ -32,6 +32,7 @@ from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.locate import dataset_root
+from modalign.data.preview import Preview, sample_previews
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform
 
@@ -248,6 +249,11 @@ class AVDigits(MultimodalDataset):
     def recording_name(self, index: int) -> str:
         """File name of the recording paired with sample ``index`` in the current epoch."""
         return self._recs[int(self._pair[index])][0]
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """The un-normalised image and the paired recording's waveform (resampled, uncropped)."""
+        wave = self._wave(int(self._pair[index])).numpy()
+        return {**sample_previews(self, index), "audio": Preview("audio", wave, self.audio_tf.sample_rate)}
 
     def __getitem__(self, index: int) -> Sample:
         rec = int(self._pair[index])

@@ -30,6 +30,7 @@ from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.locate import dataset_root
+from modalign.data.preview import Preview, sample_previews
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
 
@@ -311,6 +312,10 @@ class EmojiDataset(MultimodalDataset):
     def text(self, index: int) -> str:
         """The raw text of sample ``index``."""
         return self.entries[index].text
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """The un-normalised image and the raw text (not its truncated tokens)."""
+        return {**sample_previews(self, index), "text": Preview("text", self.text(index))}
 
     def __getitem__(self, index: int) -> Sample:
         e = self.entries[index]

@@ -55,6 +55,7 @@ from modalign.data.datasets.emoji import (
     require_artifacts,
     split_entries,
 )
+from modalign.data.preview import Preview, sample_previews
 from modalign.data.transforms.image import ImageTransform
 from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
 
@@ -229,6 +230,15 @@ class EmojiMultilingualDataset(MultimodalDataset):
             KeyError: If ``language`` is not one of this dataset's languages.
         """
         return self.texts[language][index]
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """The un-normalised image and the raw text of each language the sample has."""
+        out = sample_previews(self, index)
+        for lang in self.languages:
+            text = self.text(index, lang)
+            if text is not None:
+                out[text_modality(lang)] = Preview("text", text)
+        return out
 
     def __getitem__(self, index: int) -> Sample:
         e = self.entries[index]

@@ -60,6 +60,7 @@ from modalign.data.manifest_io import (
     resolve_manifest,
     stable_id,
 )
+from modalign.data.preview import Preview, sample_previews
 from modalign.data.transforms.audio import AudioTransform, load_audio
 from modalign.data.transforms.image import ImageTransform, load_image
 from modalign.data.transforms.series import SeriesTransform
@@ -394,6 +395,14 @@ class ManifestDataset(MultimodalDataset):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """As the default, but audio columns are the decoded waveform (resampled, uncropped)."""
+        out = sample_previews(self, index)
+        for col, raw in self._rows[index].values.items():
+            if self.kinds[col] == "audio":
+                out[col] = Preview("audio", raw.numpy(), self.sample_rate)
+        return out
 
     def __getitem__(self, index: int) -> Sample:
         row = self._rows[index]

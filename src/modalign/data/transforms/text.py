@@ -191,6 +191,10 @@ class TextTokenizer:
         """The token strings of ``text`` (no specials), for inspection."""
         return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ``ids`` with special tokens skipped (WordPiece pieces re-joined)."""
+        return str(self._tok.decode(ids, skip_special_tokens=True))
+
     def encode(self, text: str, max_tokens: int = 32, bos_eos: bool = False) -> Tensor:
         """Encode ``text`` into ``LongTensor[T]`` of at most ``max_tokens`` ids.
 
