@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modalign.eval import EvalInputError, plot_loss_curve, plot_projection, plot_similarity_matrix
-from modalign.eval.plots import _stack_modalities, smooth
+from modalign.eval.plots import _epoch_starts, _stack_modalities, smooth
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +34,12 @@ def test_loss_curve(tmp_path: Path) -> None:
     out = plot_loss_curve(records, tmp_path / "sub" / "loss.png", keys=("loss", "lr"))
     assert out == tmp_path / "sub" / "loss.png"
     assert_png(out)
+
+
+def test_epoch_boundaries_of_fractional_epochs() -> None:
+    """Step records log a fractional epoch, epoch summaries the epochs completed."""
+    records = [{"step": s, "epoch": s / 4} for s in range(1, 8)] + [{"step": 4, "epoch": 1}, {"step": 8, "epoch": 2}]
+    assert _epoch_starts(records) == [4.0, 8.0]
 
 
 def test_loss_curve_errors(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ PNG, creates missing parent folders, closes its figure and returns the path writ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -59,8 +60,12 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np
 
 
 def _epoch_starts(records: Sequence[dict[str, Any]]) -> list[float]:
-    """Steps at which the ``epoch`` field of the records changes (empty without epochs)."""
-    marks = sorted((float(r["step"]), r["epoch"]) for r in records if "epoch" in r and "step" in r)
+    """Steps at which the whole part of the ``epoch`` field changes (empty without epochs).
+
+    Step records carry a fractional epoch (``1.25``: a quarter into the second epoch) and epoch
+    summaries the number of epochs completed, so only a change of ``floor(epoch)`` is a boundary.
+    """
+    marks = sorted((float(r["step"]), math.floor(r["epoch"])) for r in records if "epoch" in r and "step" in r)
     return [step for (step, ep), (_, prev) in zip(marks[1:], marks[:-1], strict=True) if ep != prev]
 
 
