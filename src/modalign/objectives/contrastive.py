@@ -27,6 +27,7 @@ from modalign.distributed import (
     rank,
     world_size,
 )
+from modalign.objectives.streamed import PairIds, resolve_chunk, streamed_infonce_sum
 
 
 def check_pair_inputs(a: Tensor, b: Tensor, ids: Tensor | None, **scalars: Tensor) -> None:
@@ -125,6 +126,7 @@ def infonce_loss(
     gather: bool = False,
     ids_b: Tensor | None = None,
     multi_positive: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE / CLIP loss, optionally with several positives per row.
 
@@ -142,6 +144,10 @@ def infonce_loss(
     so the mean over ranks (what DDP's gradient averaging optimises) is the loss of the global
     batch. Ranks may hold different numbers of rows, including none.
 
+    Large galleries take the streamed path (``streamed.streamed_infonce_sum``): the same loss and
+    gradients computed over ``chunk x chunk`` blocks of the logits, with memory linear in the
+    batch (Inf-CL, Cheng et al. 2024); the plain path builds the ``N x M`` logits.
+
     Args:
         a: ``Tensor[N, E]`` embeddings of the first modality, assumed L2-normalised.
         b: ``Tensor[N, E]`` embeddings of the second modality, assumed L2-normalised.
@@ -151,19 +157,26 @@ def infonce_loss(
         gather: Use negatives from all ranks.
         ids_b: ``LongTensor[N]`` content ids of the ``b`` rows where they differ from ``ids``.
         multi_positive: Same-content pairs are positives instead of being left out.
+        chunk_size: ``None``: plain up to ``streamed.PLAIN_MAX_ROWS`` gallery rows, streamed in
+            blocks of ``streamed.DEFAULT_CHUNK`` above; ``0``: always plain; ``> 0``: streamed in
+            blocks of that many rows.
 
     Returns:
         Scalar loss tensor.
 
     Raises:
         ValueError: If ``a``/``b`` are not 2-D of the same shape, ``ids``/``ids_b`` are not
-            ``[N]``, ``logit_scale`` is not a scalar, or (without gathering) the batch is empty.
+            ``[N]``, ``logit_scale`` is not a scalar, (without gathering) the batch is empty, or
+            ``chunk_size`` is negative.
     """
     check_pair_inputs(a, b, ids, logit_scale=logit_scale)
     check_pair_inputs(a, b, ids_b)
     g = gather_gallery(a, b, ids, gather, ids_b)
     if g.total == 0:
         return empty_loss(a, b, gather, "infonce_loss", logit_scale)
+    chunk = resolve_chunk(chunk_size, g.total)
+    if chunk is not None:
+        return _streamed_infonce(a, b, logit_scale, g, ids, ids_b, multi_positive, chunk)
     n = a.shape[0]
     scale = logit_scale.reshape(()).exp()
     targets = g.targets(n, a.device)
@@ -173,6 +186,26 @@ def infonce_loss(
     ce_ab = _summed_ce(scale * a @ g.b.T, targets, same, multi_positive)
     ce_ba = _summed_ce(scale * b @ g.a.T, targets, same, multi_positive)
     return (ce_ab + ce_ba) * (g.weight / (2.0 * g.total))
+
+
+def _streamed_infonce(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor,
+    g: Gallery,
+    ids: Tensor | None,
+    ids_b: Tensor | None,
+    multi_positive: bool,
+    chunk: int,
+) -> Tensor:
+    """``infonce_loss`` over ``chunk x chunk`` blocks: one symmetric pass, or (gathered) two row passes."""
+    pair_ids = PairIds(ids, g.ids, ids_b, g.ids_b, g.offset)
+    if g.a is a and g.b is b:  # one process: the columns of a @ b.T are the b -> a rows
+        total = streamed_infonce_sum(a, b, logit_scale, pair_ids, True, multi_positive, chunk)
+    else:
+        total = streamed_infonce_sum(a, g.b, logit_scale, pair_ids, False, multi_positive, chunk)
+        total = total + streamed_infonce_sum(b, g.a, logit_scale, pair_ids, False, multi_positive, chunk)
+    return total * (g.weight / (2.0 * g.total))
 
 
 def _summed_ce(logits: Tensor, targets: Tensor, same: Tensor, multi_positive: bool) -> Tensor:
@@ -250,6 +283,19 @@ def check_modalities(modalities: list[str], name: str) -> tuple[str, str]:
     if len(modalities) != 2 or modalities[0] == modalities[1]:
         raise ConfigError("modalities", f"{name} needs two distinct modality names, got {modalities}")
     return modalities[0], modalities[1]
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Return an objective's ``chunk_size`` argument (``None``, ``0`` or a block size).
+
+    Raises:
+        ConfigError: If it is negative.
+    """
+    if chunk_size is not None and chunk_size < 0:
+        raise ConfigError(
+            "chunk_size", f"must be null (automatic), 0 (plain) or a positive block size, got {chunk_size}"
+        )
+    return chunk_size
 
 
 def model_modalities(model: nn.Module) -> tuple[str, ...]:
@@ -355,6 +401,8 @@ class InfoNCE(PairObjective):
         max_logit_scale: Clamp on ``1/temperature`` (CLIP: 100).
         multi_positive: Rows sharing a content id are positives (Khosla et al. 2020).
         gather: Use negatives from all ranks (``all_gather`` with gradient).
+        chunk_size: Block size of the streamed, linear-memory loss; ``None``: automatic (plain
+            ``B x B`` logits up to 256 gallery rows, blocks of 1024 above); ``0``: always plain.
     """
 
     def __init__(
@@ -365,11 +413,13 @@ class InfoNCE(PairObjective):
         max_logit_scale: float = 100.0,
         multi_positive: bool = False,
         gather: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(modalities, "infonce")
         self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
         self.multi_positive = multi_positive
         self.gather = gather
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Compute the loss; metrics: ``temperature``, ``acc_a2b``, ``acc_b2a``, ``paired``."""
@@ -379,7 +429,9 @@ class InfoNCE(PairObjective):
         metrics = {"temperature": float(1.0 / scale.detach().exp()), "paired": float(n)}
         if pair is None or self.too_few(pair, self.gather):
             return LossOutput(loss=outputs.zero(scale), metrics=metrics)
-        loss = infonce_loss(pair.a, pair.b, scale, pair.ids_a, self.gather, pair.ids_b, self.multi_positive)
+        loss = infonce_loss(
+            pair.a, pair.b, scale, pair.ids_a, self.gather, pair.ids_b, self.multi_positive, self.chunk_size
+        )
         if n > 0:
             metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
         return LossOutput(loss=loss, metrics=metrics)

@@ -17,10 +17,12 @@ from modalign.objectives.contrastive import (
     LogitScale,
     PairObjective,
     batch_top1,
+    check_chunk_size,
     check_pair_inputs,
     empty_loss,
     gather_gallery,
 )
+from modalign.objectives.streamed import PairIds, resolve_chunk, streamed_sigmoid_sum
 
 
 def sigmoid_loss(
@@ -31,6 +33,7 @@ def sigmoid_loss(
     ids: Tensor | None = None,
     gather: bool = False,
     ids_b: Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """SigLIP loss: an independent binary classification per pair.
 
@@ -45,6 +48,9 @@ def sigmoid_loss(
     Each rank returns ``world_size * sum_local / N_total``; the mean over ranks is the loss of
     the global batch.
 
+    Large galleries take the streamed path (``streamed.streamed_sigmoid_sum``): the same loss and
+    gradients over ``chunk x chunk`` blocks of the logits, memory linear in the batch.
+
     Args:
         a: ``Tensor[N, E]`` embeddings of the first modality, assumed L2-normalised.
         b: ``Tensor[N, E]`` embeddings of the second modality, assumed L2-normalised.
@@ -54,19 +60,28 @@ def sigmoid_loss(
             ``None`` (all distinct).
         gather: Use pairs with all ranks' rows.
         ids_b: ``LongTensor[N]`` content ids of the ``b`` rows where they differ from ``ids``.
+        chunk_size: ``None``: plain up to ``streamed.PLAIN_MAX_ROWS`` gallery rows, streamed in
+            blocks of ``streamed.DEFAULT_CHUNK`` above; ``0``: always plain; ``> 0``: streamed in
+            blocks of that many rows.
 
     Returns:
         Scalar loss tensor.
 
     Raises:
         ValueError: If ``a``/``b`` are not 2-D of the same shape, ``ids`` is not ``[N]``, a
-            scale/bias is not a scalar, or (without gathering) the batch is empty.
+            scale/bias is not a scalar, (without gathering) the batch is empty, or
+            ``chunk_size`` is negative.
     """
     check_pair_inputs(a, b, ids, logit_scale=logit_scale, logit_bias=logit_bias)
     check_pair_inputs(a, b, ids_b)
     g = gather_gallery(a, b, ids, gather, ids_b)
     if g.total == 0:
         return empty_loss(a, b, gather, "sigmoid_loss", logit_scale, logit_bias)
+    chunk = resolve_chunk(chunk_size, g.total)
+    if chunk is not None:
+        pair_ids = PairIds(ids, g.ids, ids_b, g.ids_b, g.offset)
+        total = streamed_sigmoid_sum(a, g.b, logit_scale, logit_bias, pair_ids, chunk)
+        return total * (g.weight / g.total)
     n = a.shape[0]
     logits = logit_scale.reshape(()).exp() * a @ g.b.T + logit_bias.reshape(())
     labels = g.same_id(ids, n, a.device, ids_b).to(logits.dtype) * 2.0 - 1.0
@@ -88,6 +103,8 @@ class SigmoidLoss(PairObjective):
         bias: Initial logit bias (SigLIP: -10).
         max_logit_scale: Clamp on ``1/temperature``.
         gather: Use pairs with all ranks' rows (``all_gather`` with gradient).
+        chunk_size: Block size of the streamed, linear-memory loss; ``None``: automatic (plain
+            ``B x B`` logits up to 256 gallery rows, blocks of 1024 above); ``0``: always plain.
     """
 
     def __init__(
@@ -97,11 +114,13 @@ class SigmoidLoss(PairObjective):
         bias: float = -10.0,
         max_logit_scale: float = 100.0,
         gather: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(modalities, "sigmoid")
         self.scale = LogitScale(temperature, True, max_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
         self.gather = gather
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Compute the loss; metrics: ``temperature``, ``bias``, ``acc_a2b``, ``acc_b2a``, ``paired``."""
@@ -111,7 +130,7 @@ class SigmoidLoss(PairObjective):
         metrics = {"temperature": float(1.0 / scale.detach().exp()), "bias": float(bias.detach()), "paired": float(n)}
         if pair is None or self.too_few(pair, self.gather):
             return LossOutput(loss=outputs.zero(scale, bias), metrics=metrics)
-        loss = sigmoid_loss(pair.a, pair.b, scale, bias, pair.ids_a, self.gather, pair.ids_b)
+        loss = sigmoid_loss(pair.a, pair.b, scale, bias, pair.ids_a, self.gather, pair.ids_b, self.chunk_size)
         if n > 0:
             metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
         return LossOutput(loss=loss, metrics=metrics)
