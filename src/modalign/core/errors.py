@@ -56,3 +56,18 @@ class DataError(ModalignError):
 
 class MissingDataRootError(DataError, FileNotFoundError):
     """A dataset's root folder or one of its expected files does not exist."""
+
+
+class TrainingError(ModalignError):
+    """A training step failed in a way the user can act on (non-finite loss, out of memory).
+
+    The message names the step, the epoch, the batch and what to change.
+    """
+
+
+class CheckpointError(ModalignError, RuntimeError):
+    """A checkpoint that cannot be read or does not match the model; the message names the file."""
+
+
+class RunDirError(ModalignError, OSError):
+    """A run directory that cannot be created or written to."""

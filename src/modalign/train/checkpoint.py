@@ -8,6 +8,8 @@ Layout under ``RUN_DIR/checkpoints``::
 
 A checkpoint folder is written under a temporary name and renamed when complete; ``latest`` is
 replaced atomically afterwards. A crash mid-write therefore leaves the previous checkpoint valid.
+If the folder ``latest`` names was deleted (say, because it was corrupt), the newest remaining
+complete checkpoint is used. A file that cannot be read raises ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from modalign.core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer.pt"
@@ -60,26 +64,72 @@ def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str
     return final
 
 
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds both the weights and the trainer state."""
+    return (folder / WEIGHTS).is_file() and (folder / STATE).is_file()
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of ``ckpt_dir``, oldest first (names sort by epoch)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p))
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The folder named by ``latest``, or ``None`` if there is no complete checkpoint."""
+    """The folder named by ``latest``, or ``None`` if there is no complete checkpoint.
+
+    When the named folder is gone (deleted by hand), the newest remaining complete one.
+    """
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
         return None
     folder = ckpt_dir / pointer.read_text().strip()
-    return folder if (folder / WEIGHTS).is_file() and (folder / STATE).is_file() else None
+    if folder.exists():
+        return folder if is_complete(folder) else None
+    remaining = complete_checkpoints(ckpt_dir)
+    return remaining[-1] if remaining else None
+
+
+def previous_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint older than ``folder`` in the same directory, if any."""
+    older = [p for p in complete_checkpoints(folder.parent) if p.name < folder.name]
+    return older[-1] if older else None
 
 
 def load_weights(folder: Path, module: nn.Module) -> None:
-    """Load ``model.safetensors`` from ``folder`` into ``module`` (strict)."""
-    missing, unexpected = load_model(module, str(folder / WEIGHTS), strict=False)
+    """Load ``model.safetensors`` from ``folder`` into ``module`` (strict).
+
+    Raises:
+        CheckpointError: If the file cannot be read or does not match the model.
+    """
+    path = folder / WEIGHTS
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded ({_reason(e)})") from e
     if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {folder / WEIGHTS} does not match the model: "
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """Load the trainer state saved next to the weights."""
-    state: dict[str, Any] = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+    """Load the trainer state saved next to the weights.
+
+    Raises:
+        CheckpointError: If the file cannot be read.
+    """
+    path = folder / STATE
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({_reason(e)})") from e
     return state
+
+
+def _reason(err: Exception) -> str:
+    """The first line of an exception, prefixed with its type (for one-line messages)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

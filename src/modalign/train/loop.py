@@ -6,7 +6,13 @@ Per step it calls ``method(batch) -> Outputs`` (the features), ``method.loss(out
 
 AdamW with decoupled weight decay (not on biases, norms or the temperature), linear warm-up
 then cosine decay, gradient clipping, optional bf16 autocast, seeded per-epoch randomness,
-a progress bar, ``metrics.jsonl`` and atomic checkpoints at epoch ends.
+progress on stderr (``progress.py``), ``metrics.jsonl`` (also sent to the tracker of
+``tracking.py``) and atomic checkpoints at epoch ends.
+
+Failures a user can act on become ``TrainingError``/``CheckpointError`` messages
+(``failures.py``): a non-finite loss (after ``train.skip_nonfinite`` skipped batches, counted
+as ``skipped_nonfinite`` in ``metrics.jsonl`` and in the checkpoint), out of memory on a batch,
+an unreadable checkpoint on resume.
 
 Determinism and resume: every epoch re-seeds Python/NumPy/torch and the shuffling generator
 from ``(seed, epoch)`` and re-pairs the dataset with ``set_epoch``; a checkpoint holds the
@@ -17,6 +23,7 @@ epochs an uninterrupted run would have run (same losses, same final weights on o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -28,14 +35,25 @@ import numpy as np
 import torch
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
+from modalign.core.errors import CheckpointError, ConfigError
 from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
-from modalign.train.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from modalign.train.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    previous_checkpoint,
+    save_checkpoint,
+)
+from modalign.train.failures import StepPlace, is_out_of_memory, nonfinite_error, out_of_memory_error
+from modalign.train.progress import Progress, make_progress
 from modalign.train.recipe import TrainConfig
+from modalign.train.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -78,17 +96,22 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Any:
 
 @dataclass
 class TrainState:
-    """Progress of a run: epochs completed and optimiser steps taken."""
+    """Progress of a run: epochs completed, optimiser steps taken, batches skipped for a non-finite loss."""
 
     epoch: int = 0
     step: int = 0
+    skipped_nonfinite: int = 0
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records past the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, records past the checkpoint's step are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    Each record is also sent to ``tracker`` as scalars at its step.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, tracker: Tracker | None = None) -> None:
         self.path = path
+        self.tracker = tracker or Tracker()
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -96,14 +119,23 @@ class MetricsLog:
             path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one JSON record."""
+        """Append one JSON record (one ``write`` call per line) and send it to the tracker."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.scalars(int(record["step"]), record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Records of a ``metrics.jsonl`` file; a last line cut short by a crash is ignored."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 class Trainer:
@@ -115,23 +147,37 @@ class Trainer:
         cfg: ``TrainConfig``.
         run_dir: Run directory.
         device: Device to train on.
+        tracker: Receives the ``metrics.jsonl`` records (default: none).
+
+    Raises:
+        ConfigError: ``train.batch_size`` exceeds the training split.
     """
 
     def __init__(
-        self, method: Method, dataset: MultimodalDataset, cfg: TrainConfig, run_dir: Path, device: torch.device
+        self,
+        method: Method,
+        dataset: MultimodalDataset,
+        cfg: TrainConfig,
+        run_dir: Path,
+        device: torch.device,
+        tracker: Tracker | None = None,
     ) -> None:
         self.method = method.to(device)
         self.dataset = dataset
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
+        self.tracker = tracker or Tracker()
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size={cfg.batch_size} exceeds the {len(dataset)} training samples")
+            raise ConfigError(
+                "train.batch_size", f"{cfg.batch_size} exceeds the {len(dataset)} training samples; lower it"
+            )
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = make_optimizer(method, cfg)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
         self.state = TrainState()
+        self.progress: Progress = Progress(cfg.epochs, self.total_steps)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -139,24 +185,47 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def resume(self) -> bool:
-        """Load the latest checkpoint if there is one; returns whether it did."""
+        """Load the latest checkpoint if there is one; returns whether it did.
+
+        Raises:
+            CheckpointError: The checkpoint cannot be read or does not fit; the message names the
+                file, ``--no-resume`` and the previous complete checkpoint if there is one.
+        """
         folder = latest_checkpoint(self.ckpt_dir)
         if folder is None:
             return False
+        try:
+            self._load(folder)
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            raise resume_error(folder, e) from e
+        return True
+
+    def _load(self, folder: Path) -> None:
         load_weights(folder, self.method)
         state = load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.state = TrainState(epoch=state["epoch"], step=state["step"])
+        self.state = TrainState(state["epoch"], state["step"], state.get("skipped_nonfinite", 0))
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        return True
 
-    def fit(self, resume: bool = True, max_epochs: int | None = None) -> TrainState:
-        """Train until ``cfg.epochs`` are done (or ``max_epochs`` more epochs in this call)."""
+    def fit(self, resume: bool = True, max_epochs: int | None = None, progress: Progress | None = None) -> TrainState:
+        """Train until ``cfg.epochs`` are done (or ``max_epochs`` more epochs in this call).
+
+        Args:
+            resume: Continue from the latest checkpoint if there is one.
+            max_epochs: Stop after this many epochs in this call.
+            progress: Progress reporter (default: a bar on a terminal, else lines on stderr).
+
+        Raises:
+            TrainingError: A non-finite loss (beyond ``train.skip_nonfinite``) or out of memory.
+            CheckpointError: The checkpoint to resume from cannot be read.
+        """
         resumed = self.resume() if resume else False
-        log = MetricsLog(self.run_dir / METRICS_FILE, self.state.step if resumed else None)
+        self.tracker.start(self.state.step if resumed else None)
+        log = MetricsLog(self.run_dir / METRICS_FILE, self.state.step if resumed else None, self.tracker)
+        self.progress = progress or make_progress(self.cfg.epochs, self.total_steps, self.cfg.progress_every)
         end = self.cfg.epochs if max_epochs is None else min(self.cfg.epochs, self.state.epoch + max_epochs)
         while self.state.epoch < end:
             summary = self._run_epoch(self.state.epoch, log)
@@ -172,6 +241,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         save_checkpoint(self.ckpt_dir, f"epoch-{self.state.epoch:04d}", self.method, state, self.cfg.keep_checkpoints)
@@ -187,31 +257,41 @@ class Trainer:
         )
         self.method.train()
         total, count, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1.0)
-        for batch in bar:
-            out = self._step(batch.to(self.device))
+        self.progress.start_epoch(epoch, self.steps_per_epoch)
+        for batch in loader:
+            batch = batch.to(self.device)
+            out = self._step(batch, epoch)
+            if out is None:
+                continue
             loss = out.loss.detach().item()
             total += loss
             count += batch.size
             self.state.step += 1
             self.method.after_step(self._context(epoch))
-            rate = count / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+            self.progress.step(self.state.step, loss, batch.size)
             if self.state.step % self.cfg.log_every == 0:
-                log.write(
-                    {
-                        "step": self.state.step,
-                        "epoch": epoch + count / len(self.dataset),
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "samples_per_s": rate,
-                        **{f"loss/{k}": float(v.detach()) for k, v in out.parts.items()},
-                        **out.metrics,
-                    }
-                )
-        bar.close()
+                rate = count / max(time.perf_counter() - start, 1e-9)
+                log.write(self._step_record(epoch + count / len(self.dataset), loss, rate, out))
         steps = max(1, count // self.cfg.batch_size)
-        return {"epoch_loss": total / steps, "epoch_seconds": time.perf_counter() - start}
+        self.progress.end_epoch(epoch, total / steps)
+        return {
+            "epoch_loss": total / steps,
+            "epoch_seconds": time.perf_counter() - start,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+        }
+
+    def _step_record(self, epoch: float, loss: float, rate: float, out: LossOutput) -> dict[str, Any]:
+        """The ``metrics.jsonl`` record of the step just taken."""
+        return {
+            "step": self.state.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": rate,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            **{f"loss/{k}": float(v.detach()) for k, v in out.parts.items()},
+            **out.metrics,
+        }
 
     def _context(self, epoch: int) -> StepContext:
         return StepContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch)
@@ -221,15 +301,64 @@ class Trainer:
         loader = make_loader(self.dataset, self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
         return (batch.to(self.device) for batch in loader)
 
-    def _step(self, batch: Batch) -> LossOutput:
+    def _step(self, batch: Batch, epoch: int) -> LossOutput | None:
+        """One optimiser step on ``batch``; ``None`` if the batch was skipped for a non-finite loss.
+
+        Raises:
+            TrainingError: Out of memory, or a non-finite loss beyond ``train.skip_nonfinite``.
+        """
+        try:
+            out = self._forward(batch)
+            if not torch.isfinite(out.loss.detach()):
+                self._skip_nonfinite(out, batch, epoch)
+                return None
+            self._update(out)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise out_of_memory_error(
+                self._place(batch, epoch), self.cfg.batch_size, self.device, self.cfg.precision
+            ) from None
+        return out
+
+    def _forward(self, batch: Batch) -> LossOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = self.method.loss(self.method(batch), batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.state.step}")
+            return self.method.loss(self.method(batch), batch)
+
+    def _update(self, out: LossOutput) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return out
+
+    def _skip_nonfinite(self, out: LossOutput, batch: Batch, epoch: int) -> None:
+        """Skip the batch (no optimiser or scheduler step, no hooks) or fail once the allowance is used up."""
+        place = self._place(batch, epoch)
+        value = out.loss.detach().float().item()
+        if self.state.skipped_nonfinite >= self.cfg.skip_nonfinite:
+            last = latest_checkpoint(self.ckpt_dir)
+            raise nonfinite_error(place, value, self.cfg.lr, self.cfg.skip_nonfinite, last)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_nonfinite += 1
+        logger.warning(
+            "skipped a batch with non-finite loss (%s) at %s: %d of %d allowed by train.skip_nonfinite",
+            value,
+            place.describe(),
+            self.state.skipped_nonfinite,
+            self.cfg.skip_nonfinite,
+        )
+
+    def _place(self, batch: Batch, epoch: int) -> StepPlace:
+        ids = [int(i) for i in batch.ids.tolist()]
+        return StepPlace(self.state.step + 1, self.total_steps, epoch + 1, self.cfg.epochs, ids)
+
+
+def resume_error(folder: Path, err: Exception) -> CheckpointError:
+    """The error for a checkpoint that cannot be resumed from: what to do, and the previous good one."""
+    reason = str(err) if isinstance(err, CheckpointError) else f"checkpoint {folder} is incomplete ({err!r})"
+    previous = previous_checkpoint(folder)
+    instead = f"delete {folder} to resume from the previous checkpoint {previous}" if previous else f"delete {folder}"
+    return CheckpointError(f"{reason}; rerun with --no-resume to start over, or {instead}")

@@ -73,6 +73,22 @@ class TrainConfig(_Section):
     save_every: int = Field(1, gt=0, description="Epochs between checkpoints (the last epoch is always saved).")
     keep_checkpoints: int = Field(2, gt=0, description="How many epoch checkpoints to keep.")
     threads: int | None = Field(None, description="torch intra-op threads; null = torch default.")
+    skip_nonfinite: int = Field(
+        0,
+        ge=0,
+        description="Batches with a non-finite loss whose optimiser step is skipped (counted in metrics.jsonl) "
+        "before the run fails; 0 = fail on the first.",
+    )
+    progress_every: int | None = Field(
+        None,
+        gt=0,
+        description="When stderr is not a terminal: steps between progress lines; null = one line per epoch.",
+    )
+    track: Literal["auto", "tensorboard", "none"] = Field(
+        "auto",
+        description="Experiment tracking into RUN_DIR/tensorboard: auto = when tensorboard is installed "
+        "(pip install 'modalign[track]'), tensorboard = required, none = off.",
+    )
 
 
 class EvalConfig(_Section):
@@ -91,6 +107,11 @@ class EvalConfig(_Section):
 class Recipe(_Section):
     """A whole run. ``data`` and ``method`` are component mappings."""
 
+    version: str | None = Field(
+        None,
+        description="modalign version (major.minor) the recipe is written for; another version's recipe is "
+        "refused. The resolved config.yaml records the running version.",
+    )
     data: dict[str, Any] = Field(description="Dataset mapping {name: ..., **args}; see `modalign datasets`.")
     model: ModelConfig
     method: dict[str, Any] = Field(
@@ -124,14 +145,58 @@ def _allowed_keys(parent: list[str]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def validate_recipe(tree: dict[str, Any]) -> Recipe:
-    """Validate a recipe tree: sections, then every component mapping.
+def running_version() -> str:
+    """``major.minor`` of the installed modalign (what resolved configs record)."""
+    from modalign import __version__
+
+    return ".".join(__version__.split(".")[:2])
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", version.strip())
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_version(version: object, source: str | None = None) -> None:
+    """Refuse a recipe written for a modalign version this one cannot run.
+
+    Compatible means the same major version and, before 1.0, the same minor version; from 1.0 on,
+    a minor version not newer than the running one.
+
+    Raises:
+        ConfigError: A version that is not a ``major.minor[.patch]`` string, or an incompatible one.
+    """
+    if version is None:
+        return
+    where = f"recipe {source}" if source else "the recipe"
+    if not isinstance(version, str):
+        raise ConfigError("version", f"write it as a quoted string, e.g. version: '{version}' (got {version!r})")
+    wanted, running = _major_minor(version), _major_minor(running_version())
+    if wanted is None or running is None:
+        raise ConfigError("version", f"expected major.minor such as {running_version()!r}, got {version!r}")
+    same_line = wanted[0] == running[0] and (wanted[1] == running[1] if running[0] == 0 else wanted[1] <= running[1])
+    if not same_line:
+        raise ConfigError(
+            "version",
+            f"{where} is written for modalign {version}, this is modalign {running_version()}; "
+            f"install it with pip install 'modalign=={wanted[0]}.{wanted[1]}.*', or update the recipe "
+            f"(`modalign recipes --keys` lists this version's keys) and set version: '{running_version()}'",
+        )
+
+
+def validate_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
+    """Validate a recipe tree: its version, sections, then every component mapping.
+
+    Args:
+        tree: The parsed YAML (overrides applied).
+        source: The file it came from, named in version errors.
 
     Raises:
         ConfigError: The first problem, with its key path and allowed values.
     """
     if not isinstance(tree, dict):
         raise ConfigError("", f"a recipe must be a mapping, got {type(tree).__name__}")
+    check_version(tree.get("version"), source)
     try:
         recipe = Recipe.model_validate(tree)
     except pydantic.ValidationError as e:
@@ -235,9 +300,11 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError("recipe", f"{path}: invalid YAML: {e}") from None
-    return validate_recipe(apply_overrides(tree, overrides or []))
+    return validate_recipe(apply_overrides(tree, overrides or []), str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """Serialise the resolved recipe (all defaults filled in) as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """Serialise the resolved recipe (all defaults filled in, ``version`` stamped) as YAML."""
+    tree = recipe.model_dump(mode="json")
+    tree["version"] = tree["version"] or running_version()
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from modalign.core.errors import ConfigError
+from modalign.core.errors import ConfigError, RunDirError
 from modalign.core.types import Batch
 from modalign.data.base import MultimodalDataset
 from modalign.data.transforms.text import TextTokenizer
@@ -44,30 +45,60 @@ from modalign.train.checkpoint import latest_checkpoint, load_weights, write_tex
 from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
 from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
 from modalign.train.run_report import record_command, write_run_report
+from modalign.train.tracking import log_evaluation, make_tracker
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 EVAL_FILE = "eval.json"
 ARTIFACTS_DIR = "artifacts"
+#: ``train`` keys a resumed run may change: they do not alter what was computed before the checkpoint.
+RUN_CONTROL_KEYS = ("skip_nonfinite", "progress_every", "track")
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and check that files can be written into it.
+
+    Raises:
+        RunDirError: It cannot be created or written to (naming it and the reason).
+    """
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise RunDirError(
+            f"run directory {run_dir} is not writable ({reason}); pick another --run-dir or make it writable"
+        ) from None
+
+
+def _resume_view(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe without the run-control keys (what must match to resume)."""
+    tree: dict[str, Any] = yaml.safe_load(dump_recipe(recipe))
+    for key in RUN_CONTROL_KEYS:
+        tree["train"].pop(key, None)
+    return tree
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir`` and write the resolved recipe; refuse to resume a different recipe.
+    """Create ``run_dir``, check it is writable and write the resolved recipe; refuse to resume a different recipe.
 
     Raises:
-        ConfigError: If ``run_dir`` already holds a run of another recipe and ``resume`` is set.
+        RunDirError: If ``run_dir`` cannot be created or written to.
+        ConfigError: If ``run_dir`` already holds a run of another recipe and ``resume`` is set
+            (only ``RUN_CONTROL_KEYS`` may differ).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(run_dir)
     path = run_dir / CONFIG_FILE
-    text = dump_recipe(recipe)
     if resume and path.exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
-        old = validate_recipe(yaml.safe_load(path.read_text()))
-        if dump_recipe(old) != text:
+        old = validate_recipe(yaml.safe_load(path.read_text()), str(path))
+        if _resume_view(old) != _resume_view(recipe):
             raise ConfigError(
                 "run_dir", f"{run_dir} holds a run of a different recipe; pick a new --run-dir or --no-resume"
             )
-    write_text_atomic(path, text)
+    write_text_atomic(path, dump_recipe(recipe))
 
 
 def save_artifacts(dataset: MultimodalDataset, run_dir: Path) -> None:
@@ -113,12 +144,18 @@ def train_run(
     save_artifacts(train_ds, run_dir)
     method = build_method(recipe, train_ds.modalities)
     device = resolve_device(recipe.train.device)
-    trainer = Trainer(method, train_ds, recipe.train, run_dir, device)
-    state = trainer.fit(resume=resume, max_epochs=max_epochs)
-    if state.epoch < recipe.train.epochs:
-        log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
-        return None
-    return evaluate_method(recipe, method, run_dir, device)
+    tracker = make_tracker(recipe.train.track, run_dir, dump_recipe(recipe))
+    try:
+        trainer = Trainer(method, train_ds, recipe.train, run_dir, device, tracker)
+        state = trainer.fit(resume=resume, max_epochs=max_epochs)
+        if state.epoch < recipe.train.epochs:
+            log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
+            return None
+        metrics = evaluate_method(recipe, method, run_dir, device)
+        log_evaluation(tracker, metrics, run_dir / "plots", state.step)
+        return metrics
+    finally:
+        tracker.close()
 
 
 def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Method]:
@@ -130,7 +167,7 @@ def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Metho
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
-    recipe = validate_recipe(yaml.safe_load(path.read_text()))
+    recipe = validate_recipe(yaml.safe_load(path.read_text()), str(path))
     if data_root is not None:
         recipe.data = {**recipe.data, "root": str(Path(data_root).resolve())}
     folder = latest_checkpoint(run_dir / "checkpoints")
