@@ -190,14 +190,13 @@ class _StreamedInfoNCE(torch.autograd.Function):
         return gq.mul_(scale * grad), gk.mul_(grad), grad_scale, None
 
 
-@dataclass
 class _Positives:
-    """Per-row and per-column sums of the positive logits and their counts (multi-positive)."""
+    """Per-row and per-column sums of the positive logits and their counts (multi-positive).
 
-    sum_r: Tensor
-    cnt_r: Tensor
-    sum_c: Tensor
-    cnt_c: Tensor
+    Attributes:
+        sum_r: ``Tensor[N]`` sum of each row's positive logits; ``cnt_r`` their number.
+        sum_c: ``Tensor[M]`` sum of each column's positive logits; ``cnt_c`` their number.
+    """
 
     def __init__(self, n: int, m: int, like: Tensor) -> None:
         self.sum_r, self.cnt_r = like.new_zeros(n), like.new_zeros(n)
