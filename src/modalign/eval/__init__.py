@@ -2,10 +2,11 @@
 
 Retrieval R@K and ranks, class-match p@1/mAP, prototype zero-shot, linear probe, kNN, k-means
 clustering NMI/ARI, modality gap, alignment/uniformity, plots and a flat metrics report. Every
-similarity computation walks the queries in chunks, so memory grows with ``chunk_size x gallery``,
-never with ``gallery^2``.
+similarity computation works in ``[chunk_size, gallery_chunk_size]`` blocks with running maxima,
+counts or top-k (``modalign.eval.blocks``), so memory is flat in the gallery size.
 """
 
+from modalign.eval.blocks import topk_neighbours
 from modalign.eval.classification import (
     class_prototypes,
     knn_accuracy,
@@ -42,6 +43,7 @@ __all__ = [
     "plot_projection",
     "plot_similarity_matrix",
     "retrieval_metrics",
+    "topk_neighbours",
     "write_eval_json",
     "zero_shot_accuracy",
 ]

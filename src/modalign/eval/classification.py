@@ -6,8 +6,9 @@
 * Weighted kNN on cosine similarity (Wu et al. 2018, "Unsupervised Feature Learning via
   Non-Parametric Instance Discrimination").
 
-Similarities are computed over query chunks, so memory grows with ``chunk_size x M`` where ``M``
-is the number of prototypes or training rows, never with ``N x M``.
+Similarities are computed in ``[chunk_size, gallery_chunk_size]`` blocks (``modalign.eval.blocks``)
+with a running argmax (zero-shot over any number of classes) or a running top-k (kNN over any
+number of training rows), so memory is flat in the number of prototypes or training rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from modalign.eval.blocks import GALLERY_CHUNK_SIZE, RowBlocks, topk_neighbours
 from modalign.eval.embed import (
     EvalInputError,
     check_chunk_size,
@@ -25,7 +27,6 @@ from modalign.eval.embed import (
     check_vector,
     l2_normalise,
 )
-from modalign.eval.retrieval import similarity_chunks
 
 
 def class_prototypes(emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,19 +52,26 @@ def class_prototypes(emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def zero_shot_accuracy(
-    query: Tensor, query_labels: Tensor, prototypes: Tensor, classes: Tensor, chunk_size: int = 1024
+    query: Tensor,
+    query_labels: Tensor,
+    prototypes: Tensor,
+    classes: Tensor,
+    chunk_size: int = 1024,
+    gallery_chunk_size: int = GALLERY_CHUNK_SIZE,
 ) -> float:
     """Accuracy of assigning each query to its most cosine-similar class prototype.
 
     Exact ties go to the prototype listed first. A query whose label is not in ``classes``
-    always counts as wrong.
+    always counts as wrong. Prototypes are scanned in blocks with a running maximum, so any
+    number of classes fits in ``O(chunk_size x gallery_chunk_size)`` memory.
 
     Args:
         query: ``Tensor[N, E]``.
         query_labels: ``LongTensor[N]`` true labels.
         prototypes: ``Tensor[C, E]`` (e.g. from ``class_prototypes`` of another modality).
         classes: ``LongTensor[C]`` the label of each prototype.
-        chunk_size: Queries per similarity block.
+        chunk_size: Queries per block.
+        gallery_chunk_size: Prototypes per block.
 
     Returns:
         Fraction of correctly classified queries.
@@ -72,12 +80,19 @@ def zero_shot_accuracy(
         EvalInputError: If shapes disagree.
     """
     query = check_matrix("query", query)
-    prototypes = check_matrix("prototypes", prototypes, dim=query.shape[1])
+    prototypes = check_matrix("prototypes", prototypes, dim=query.shape[1]).to(query.device)
     classes = check_vector("classes", classes, prototypes.shape[0]).to(query.device)
     labels = check_vector("query_labels", query_labels, query.shape[0]).to(query.device)
+    blocks = RowBlocks(prototypes, gallery_chunk_size)
     correct = 0
-    for rows, sims in similarity_chunks(query, prototypes, check_chunk_size(chunk_size)):
-        correct += int((classes[sims.argmax(dim=1)] == labels[rows]).sum())
+    for rows, q in RowBlocks(query, check_chunk_size(chunk_size)).blocks():
+        best = torch.full((q.shape[0],), float("-inf"), device=q.device)
+        pick = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        for cols, sims in blocks.scores(q):
+            value, index = sims.max(dim=1)  # first maximum of the block
+            better = value > best  # strict: an earlier block keeps its tie
+            best, pick = torch.where(better, value, best), torch.where(better, index + cols.start, pick)
+        correct += int((classes[pick] == labels[rows]).sum())
     return correct / query.shape[0]
 
 
@@ -126,18 +141,28 @@ def linear_probe_accuracy(
     return float(np.mean(pred == test_y.cpu().numpy()))
 
 
-def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 10, chunk_size: int = 1024) -> Tensor:
+def knn_predict(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    k: int = 10,
+    chunk_size: int = 1024,
+    gallery_chunk_size: int = GALLERY_CHUNK_SIZE,
+) -> Tensor:
     """Majority vote of the ``k`` most cosine-similar training rows of each test row.
 
     Vote ties are broken by the larger summed similarity of the tied classes, then by the
-    smaller label. ``k`` larger than the training split is clipped to its size.
+    smaller label. ``k`` larger than the training split is clipped to its size. Neighbours come
+    from ``topk_neighbours`` (a running top-k over training blocks; equal similarities prefer
+    the earlier training row).
 
     Args:
         train_x: ``Tensor[N, E]``.
         train_y: ``LongTensor[N]``.
         test_x: ``Tensor[M, E]``.
         k: Neighbours per test row.
-        chunk_size: Test rows per ``[chunk, N]`` similarity block.
+        chunk_size: Test rows per block.
+        gallery_chunk_size: Training rows per block.
 
     Returns:
         ``LongTensor[M]`` predicted labels on the CPU.
@@ -151,19 +176,22 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 10, c
         raise EvalInputError(f"k: must be a positive integer, got {k!r}")
     k = min(int(k), train_x.shape[0])
     classes, inverse = torch.unique(train_y.to(test_x.device), sorted=True, return_inverse=True)
-    preds = torch.empty(test_x.shape[0], dtype=torch.long)
-    for rows, sims in similarity_chunks(test_x, train_x, check_chunk_size(chunk_size)):
-        top_sims, top_idx = sims.topk(k, dim=1)
-        votes = torch.zeros(sims.shape[0], classes.shape[0], dtype=torch.float64, device=sims.device)
-        # votes = count * (2k + 1) + similarity sum: the sums lie in [-k, k], so the count decides
-        # and the similarity sum only breaks ties (a class with a neighbour always beats none).
-        votes.scatter_add_(1, inverse[top_idx], top_sims.double() + (2 * k + 1))
-        preds[rows] = classes[votes.argmax(dim=1)].cpu()
-    return preds
+    top_sims, top_idx = topk_neighbours(test_x, train_x, k, check_chunk_size(chunk_size), gallery_chunk_size)
+    votes = torch.zeros(test_x.shape[0], classes.shape[0], dtype=torch.float64, device=test_x.device)
+    # votes = count * (2k + 1) + similarity sum: the sums lie in [-k, k], so the count decides
+    # and the similarity sum only breaks ties (a class with a neighbour always beats none).
+    votes.scatter_add_(1, inverse[top_idx], top_sims.double() + (2 * k + 1))
+    return classes[votes.argmax(dim=1)].cpu()
 
 
 def knn_accuracy(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 10, chunk_size: int = 1024
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    k: int = 10,
+    chunk_size: int = 1024,
+    gallery_chunk_size: int = GALLERY_CHUNK_SIZE,
 ) -> float:
     """Test accuracy of cosine kNN majority voting (see ``knn_predict`` for tie rules).
 
@@ -173,7 +201,8 @@ def knn_accuracy(
         test_x: ``Tensor[M, E]`` test features.
         test_y: ``LongTensor[M]`` test labels.
         k: Neighbours per test row.
-        chunk_size: Test rows per similarity block; memory is ``O(chunk_size x N)``.
+        chunk_size: Test rows per block.
+        gallery_chunk_size: Training rows per block; memory is ``O(chunk_size x gallery_chunk_size)``.
 
     Returns:
         Fraction of test rows classified correctly.
@@ -183,5 +212,5 @@ def knn_accuracy(
     """
     test_x = check_matrix("test_x", test_x)
     test_y = check_vector("test_y", test_y, test_x.shape[0])
-    preds = knn_predict(train_x, train_y, test_x, k=k, chunk_size=chunk_size)
+    preds = knn_predict(train_x, train_y, test_x, k, chunk_size, gallery_chunk_size)
     return float((preds == test_y.cpu()).double().mean())
