@@ -226,6 +226,20 @@ def test_manifest_train_and_embed_new_file(tmp_path):
     assert arrays["embeddings/image"].shape == (len(test_rows), 128)
     assert set(np.unique(arrays["labels/colour"])) == set(range(len(COLOURS)))
 
+    shards = tmp_path / "shards"
+    args = ["embed", str(run), "--data", str(tmp_path / "test.jsonl"), "--out", str(shards), "--shard-size", "5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    from modalign.eval.shards import iter_embedding_shards, load_embeddings
+
+    assert [len(s) for s in iter_embedding_shards(shards)] == [5] * (len(arrays["ids"]) // 5) + (
+        [len(arrays["ids"]) % 5] if len(arrays["ids"]) % 5 else []
+    )
+    sharded = load_embeddings(shards)
+    assert np.array_equal(sharded.ids.numpy(), arrays["ids"])
+    assert np.allclose(sharded.embeddings["image"].numpy(), arrays["embeddings/image"], atol=1e-6)
+    assert np.array_equal(sharded.labels["colour"].numpy(), arrays["labels/colour"])
+
 
 def test_datasets_fetch_command_from_file_mirror(data_root, tmp_path):
     import zipfile

@@ -119,17 +119,31 @@ def report(
 @app.command()
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `modalign train`.")],
-    out: Annotated[Path, typer.Option("--out", help="Output .npz (embeddings/<m>, present/<m>, ids, labels/<l>).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output .npz (embeddings/<m>, present/<m>, ids, labels/<l>); a directory with --shard-size."
+        ),
+    ],
     data: Annotated[
         str, typer.Option("--data", help="Split of the run's dataset (train|test) or a manifest file.")
     ] = "test",
     data_root: DataRootOpt = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option("--shard-size", min=1, help="Stream rows into numbered .npz shards of N rows plus index.json."),
+    ] = None,
 ) -> None:
     """Embed a dataset split, or a manifest file, with a trained run."""
+    from modalign.train.export import embed_data_shards
     from modalign.train.run import embed_data
 
+    root = str(data_root) if data_root else None
     try:
-        path = embed_data(run_dir, data, out, str(data_root) if data_root else None)
+        if shard_size is None:
+            path = embed_data(run_dir, data, out, root)
+        else:
+            path = embed_data_shards(run_dir, data, out, shard_size, root)
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"wrote {path}")
