@@ -39,7 +39,7 @@ def leaves(n: int, seed: int, dtype: torch.dtype = torch.float64) -> dict[str, T
     return {k: v.clone().requires_grad_() for k, v in {"a": a, "b": b, "scale": scale, "bias": bias}.items()}
 
 
-def run(loss: str, n: int, chunk: int, ids: Any, seed: int = 0, **kw: Any) -> dict[str, Tensor]:
+def run(loss: str, n: int, chunk: int | None, ids: Any, seed: int = 0, **kw: Any) -> dict[str, Tensor]:
     """Loss and gradients of every leaf for one path."""
     x = leaves(n, seed, kw.pop("dtype", torch.float64))
     ids_a, ids_b = ids
@@ -100,7 +100,7 @@ def test_float32_default_path_streams_and_matches_plain(loss: str) -> None:
     n = PLAIN_MAX_ROWS + 45  # above the automatic threshold: chunk_size=None streams
     assert resolve_chunk(None, n) == DEFAULT_CHUNK
     ids = (torch.arange(n) % 200, None)
-    streamed = run(loss, n, None, ids, dtype=torch.float32)  # type: ignore[arg-type]
+    streamed = run(loss, n, None, ids, dtype=torch.float32)
     assert_same(streamed, run(loss, n, 0, ids, dtype=torch.float32), rtol=2e-5)
 
 
