@@ -41,7 +41,6 @@ from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
-from modalign.data.locate import dataset_root
 from modalign.data.datasets.emoji import (
     EMOJI_JSON,
     IMAGES,
@@ -55,6 +54,7 @@ from modalign.data.datasets.emoji import (
     require_artifacts,
     split_entries,
 )
+from modalign.data.locate import dataset_root
 from modalign.data.preview import Preview, sample_previews
 from modalign.data.transforms.image import ImageTransform
 from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
