@@ -17,10 +17,11 @@ allocation and free events (``profile_memory=True``) in a separate, untimed call
 tensor memory only, independent of the allocator's caching, which ``ru_maxrss`` would mix in.
 
 open_clip is a benchmark-only tool, never a dependency of modalign:
-``pip install --no-deps open-clip-torch torchvision==0.28.0``. Its ``loss.py`` needs only
-torch, and is loaded from the installed package's folder without running
-``open_clip/__init__.py`` (which imports torchvision; a CUDA build of torchvision cannot load
-next to the CPU build of torch).
+``pip install --no-deps open-clip-torch`` (``--no-deps``, or pip replaces the CPU build of
+torch). Its ``loss.py`` needs only torch, and is loaded from the installed package's folder
+without running ``open_clip/__init__.py``, which imports torchvision: PyPI's
+``torchvision==0.28.0`` is a CUDA build whose operators fail to load next to the CPU torch
+(``RuntimeError: operator torchvision::nms does not exist``), so it is better left uninstalled.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_open_clip_loss() -> ModuleType:
     """open_clip's ``loss`` module, loaded without importing the ``open_clip`` package."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("open_clip is not installed: pip install --no-deps open-clip-torch torchvision==0.28.0")
+        raise SystemExit("open_clip is not installed: pip install --no-deps open-clip-torch")
     path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
     loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
     assert loss_spec is not None and loss_spec.loader is not None
