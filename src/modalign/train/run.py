@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -30,6 +29,7 @@ from modalign.eval import (
     plot_similarity_matrix,
     write_eval_json,
 )
+from modalign.eval.shards import save_embeddings
 from modalign.methods.base import Method
 from modalign.objectives.captioning import (
     CaptionDetokenizer,
@@ -260,19 +260,6 @@ def report_run(run_dir: Path, out: Path | None = None, data_root: str | None = N
     eval_path = run_dir / EVAL_FILE
     metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     return write_run_report(run_dir, recipe, (run_dir / CONFIG_FILE).read_text(), metrics, test, dataset, out)
-
-
-def save_embeddings(emb: EmbeddingSet, out: Path) -> Path:
-    """Write embeddings, presence masks, ids and labels as a ``.npz`` file."""
-    arrays: dict[str, Any] = {"ids": emb.ids.numpy()}
-    for m, x in emb.embeddings.items():
-        arrays[f"embeddings/{m}"] = x.numpy()
-        arrays[f"present/{m}"] = emb.present[m].numpy()
-    for name, y in emb.labels.items():
-        arrays[f"labels/{name}"] = y.numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
-    return out
 
 
 def embed_data(run_dir: Path, data: str, out: Path, data_root: str | None = None) -> Path:
