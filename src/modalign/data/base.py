@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
 from modalign.core.errors import ConfigError, MissingDataRootError
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.preview import Preview, sample_previews
+
+if TYPE_CHECKING:
+    from modalign.data.raw import RawValue
 
 DATA_ENV = "MODALIGN_DATA"
 
@@ -68,6 +72,32 @@ class MultimodalDataset(Dataset[Sample], ABC):
         the run directory; the dataset's constructor accepts them back. Default: none.
         """
         return {}
+
+    def raw_count(self, modality: str) -> int:
+        """Number of distinct raw contents of ``modality`` (see ``modalign.data.raw``).
+
+        Raises:
+            NotImplementedError: If the dataset gives no raw inputs (pretrained encoders need them).
+        """
+        raise NotImplementedError(self._no_raw(modality))
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """The raw value of content ``content`` of ``modality``: text, ``uint8 [H, W, 3]`` pixels or a ``Waveform``.
+
+        Raises:
+            NotImplementedError: If the dataset gives no raw inputs.
+        """
+        raise NotImplementedError(self._no_raw(modality))
+
+    def raw_index(self, index: int, modality: str) -> int:
+        """The content of sample ``index``'s ``modality`` value (default: ``index``)."""
+        return index
+
+    def _no_raw(self, modality: str) -> str:
+        return (
+            f"dataset {type(self).__name__} gives no raw {modality!r} inputs, which pretrained encoders read; "
+            "datasets with raw inputs: emoji, av-digits"
+        )
 
 
 SPLITS = ("train", "test")

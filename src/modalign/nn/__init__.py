@@ -25,6 +25,7 @@ from modalign.nn.layers import (
     self_attend,
     zero_padded,
 )
+from modalign.nn.resampler import QueryResampler
 
 __all__ = [
     "CrossAttentionBlock",
@@ -33,6 +34,7 @@ __all__ = [
     "MLPHead",
     "PatchEmbed1d",
     "PatchEmbed2d",
+    "QueryResampler",
     "SinusoidalPositions",
     "Transformer",
     "TransformerBlock",

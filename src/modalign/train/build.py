@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from modalign.core.config import check_component
 from modalign.core.errors import ConfigError
@@ -19,6 +19,9 @@ from modalign.core.registry import create, lookup
 from modalign.core.types import ModalitySpec
 from modalign.data.base import MultimodalDataset
 from modalign.data.collate import Collator
+from modalign.data.raw import InputView, ModalityInput
+from modalign.encoders.feature_cache import cached_input, encoder_input
+from modalign.encoders.pretrained import PretrainedEncoder
 from modalign.methods.base import Method, MultimodalModel
 from modalign.train.recipe import (
     DATASET_PROVIDED,
@@ -43,7 +46,26 @@ def build_dataset(
     dataset: MultimodalDataset = create(
         "dataset", name, split=split, seed=recipe.train.seed, augment=augment, artifacts=artifacts, **kwargs
     )
-    return dataset
+    return with_encoder_inputs(recipe, dataset)
+
+
+def with_encoder_inputs(recipe: Recipe, dataset: MultimodalDataset) -> MultimodalDataset:
+    """``dataset`` with the inputs of the recipe's pretrained encoders made from its raw values.
+
+    Pretrained encoders (``PretrainedEncoder``) bring their own preprocessing: the values of
+    their modalities become the encoder's preprocessing of the raw value (``cache: false``) or
+    the cached features (``cache: true``, built on first use). Other modalities are unchanged.
+    """
+    inputs: dict[str, ModalityInput] = {}
+    for modality, entry in sorted(recipe.model.encoders.items()):
+        name, kwargs = check_component("encoder", entry, f"model.encoders.{modality}", ENCODER_PROVIDED)
+        cls = lookup("encoder", name)
+        if not issubclass(cls, PretrainedEncoder) or modality not in dataset.modalities:
+            continue
+        live = cls(**{**kwargs, "cache": False, "frozen": True})
+        source = cached_input if kwargs.get("cache") else encoder_input
+        inputs[modality] = source(dataset, modality, live)
+    return InputView(dataset, inputs) if inputs else dataset
 
 
 def build_encoder(modality: str, spec: ModalitySpec, entry: dict[str, Any]) -> Encoder:
@@ -122,13 +144,19 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool = False,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader[Any]:
-    """A ``DataLoader`` collating into ``Batch``; shuffling is seeded by ``seed``."""
+    """A ``DataLoader`` collating into ``Batch``; shuffling (and workers' seeds) are seeded by ``seed``.
+
+    ``sampler`` (e.g. a rank's share under data parallelism) replaces the sequential or shuffled
+    order; ``shuffle`` must then be ``False``.
+    """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=Collator(dataset.modalities),
         drop_last=drop_last,

