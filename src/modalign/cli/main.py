@@ -39,7 +39,9 @@ DataRootOpt = Annotated[
 
 
 def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
+    from modalign.train.distributed import launch_context
+
+    typer.echo(f"error: {launch_context().tag()}{err}", err=True)
     raise typer.Exit(2)
 
 
@@ -54,20 +56,29 @@ def train(
         int | None, typer.Option(help="Stop after this many epochs in this call; rerun to resume.")
     ] = None,
 ) -> None:
-    """Train a recipe, evaluate it on the test split and write RUN_DIR/eval.json."""
+    """Train a recipe, evaluate it on the test split and write RUN_DIR/eval.json.
+
+    Under `torchrun --nproc_per_node N -m modalign train ...` it trains data-parallel on N
+    processes; train.batch_size is the global batch, and only rank 0 prints and writes.
+    """
+    from modalign.train.distributed import launch_context
     from modalign.train.run import train_run
 
+    lead = launch_context().lead
     try:
         rec = load_recipe(recipe, overrides or [])
         if data_root is not None:
             rec.data = {**rec.data, "root": str(data_root.resolve())}
         folder = run_dir or Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        typer.echo(f"run directory: {folder}")
+        if lead:
+            typer.echo(f"run directory: {folder}")
         start = time.perf_counter()
         command = _train_command(recipe, overrides or [], folder, data_root, resume, max_epochs)
         metrics = train_run(rec, folder, resume=resume, max_epochs=max_epochs, command=command)
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
+    if not lead:
+        return
     if metrics is None:
         typer.echo(f"stopped early; resume with: modalign train {recipe} --run-dir {folder}")
         return
@@ -257,8 +268,11 @@ def _download_bar(name: str) -> Iterator[Callable[[int, int], None]]:
 def main() -> None:
     """Console entry point."""
     from modalign.data.locate import set_download_progress
+    from modalign.train.distributed import launch_context
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # under torchrun only rank 0 logs progress and information; every rank logs warnings
+    level = logging.INFO if launch_context().lead else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if sys.stderr.isatty():
         set_download_progress(_download_bar)
     app()

@@ -4,8 +4,9 @@
 and one projection head per modality and a fusion module; it owns no loss parameters. A
 ``Method`` joins the model with a list of labelled, weighted ``Objective``s:
 
-* ``forward(batch) -> Outputs`` is the features (what DDP wraps, what gradient caching
-  replays): the model's outputs plus each objective's ``features`` in ``Outputs.extras``;
+* ``forward(batch) -> Outputs`` is the features (what gradient caching replays; DDP wraps
+  it together with ``loss``, see ``train.distributed.TrainingStep``): the model's outputs plus
+  each objective's ``features`` in ``Outputs.extras``;
 * ``loss(outputs, batch) -> LossOutput`` is the maths: ``sum_i w_i * L_i`` with every part
   logged under its label;
 * ``on_epoch_start`` / ``after_step`` pass the trainer's lifecycle to the objectives.

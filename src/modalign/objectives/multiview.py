@@ -21,6 +21,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.modules import Objective
 from modalign.core.registry import register
 from modalign.core.types import Batch, LossOutput, Outputs
+from modalign.distributed import is_initialized
 from modalign.objectives.contrastive import (
     LogitScale,
     check_known,
@@ -80,6 +81,7 @@ class MultiView(Objective):
         learn_temperature: Train the temperature.
         max_logit_scale: Clamp on ``1/temperature``.
         multi_positive: Rows sharing a content id are positives (see ``infonce_loss``).
+        gather: Contrast against every rank's rows (data parallelism; set by the trainer).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class MultiView(Objective):
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
         multi_positive: bool = False,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         self.requested = modalities
@@ -101,6 +104,7 @@ class MultiView(Objective):
             self.pairs = multiview_pairs(modalities, anchor, pairs)
         self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
         self.multi_positive = multi_positive
+        self.gather = gather
 
     def bind(self, model: nn.Module) -> None:
         """Resolve the modalities (default: the model's) and check the model has each.
@@ -122,8 +126,8 @@ class MultiView(Objective):
         for a, b in self.pairs:
             pair = paired_rows(outputs.embeddings, batch, (a, b))
             metrics[f"paired/{a}-{b}"] = float(pair.size if pair is not None else 0)
-            if pair is not None and pair.size >= 2:
-                loss = infonce_loss(pair.a, pair.b, scale, pair.ids_a, False, pair.ids_b, self.multi_positive)
+            if pair is not None and (pair.size >= 2 or (self.gather and is_initialized())):
+                loss = infonce_loss(pair.a, pair.b, scale, pair.ids_a, self.gather, pair.ids_b, self.multi_positive)
                 parts[f"{a}-{b}"] = loss
         if not parts:
             return LossOutput(loss=outputs.zero(scale), metrics=metrics)

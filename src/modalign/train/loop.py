@@ -18,6 +18,20 @@ Determinism and resume: every epoch re-seeds Python/NumPy/torch and the shufflin
 from ``(seed, epoch)`` and re-pairs the dataset with ``set_epoch``; a checkpoint holds the
 weights, optimiser and scheduler after a whole epoch. Resuming therefore replays exactly the
 epochs an uninterrupted run would have run (same losses, same final weights on one device).
+
+Data parallelism (``distributed.py``): under an initialised process group ``train.batch_size``
+is the global batch, each rank trains on its slice of every global batch through DDP, the
+objectives gather (``gather=True``), logged values are averaged over ranks and only rank 0
+writes checkpoints and ``metrics.jsonl``. Every rank re-seeds from ``(seed, epoch)`` for the
+epoch-start hooks, then from ``rank_seed`` for augmentation and per-step randomness.
+
+Host synchronisation: the step loop keeps the loss on the device and reads it (``.item()``)
+only at ``log_every`` steps and epoch ends. With ``train.skip_nonfinite: 0`` a non-finite loss
+is recorded on the device (first step, value, batch ids) and raised at the next log step or
+epoch end, before any checkpoint; the steps in between ran on non-finite gradients but nothing
+of them is saved. With ``train.skip_nonfinite > 0`` the loss must be checked before the
+optimiser steps, so that costs one synchronisation per step (and, under DDP, one all-reduce of
+the flag so that every rank skips the same batch).
 """
 
 from __future__ import annotations
@@ -33,12 +47,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 
-from modalign.core.errors import CheckpointError, ConfigError
+from modalign.core.errors import CheckpointError, ConfigError, TrainingError
 from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
+from modalign.distributed import rank, world_size
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
 from modalign.train.checkpoint import (
@@ -47,6 +63,17 @@ from modalign.train.checkpoint import (
     load_weights,
     previous_checkpoint,
     save_checkpoint,
+)
+from modalign.train.distributed import (
+    ContiguousShard,
+    ShardedBatches,
+    any_rank,
+    average_records,
+    enable_gather,
+    mean_over_ranks,
+    per_rank_batch,
+    rank_seed,
+    wrap_ddp,
 )
 from modalign.train.failures import StepPlace, is_out_of_memory, nonfinite_error, out_of_memory_error
 from modalign.train.progress import Progress, make_progress
@@ -106,12 +133,16 @@ class TrainState:
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, records past the checkpoint's step are dropped.
 
-    Each record is also sent to ``tracker`` as scalars at its step.
+    Each record is also sent to ``tracker`` as scalars at its step. With ``lead=False`` (ranks
+    other than 0 under data parallelism) nothing is written.
     """
 
-    def __init__(self, path: Path, resume_step: int | None, tracker: Tracker | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, tracker: Tracker | None = None, lead: bool = True) -> None:
         self.path = path
         self.tracker = tracker or Tracker()
+        self.lead = lead
+        if not lead:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -120,6 +151,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one JSON record (one ``write`` call per line) and send it to the tracker."""
+        if not self.lead:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.tracker.scalars(int(record["step"]), record)
@@ -138,6 +171,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class NonfiniteWatch:
+    """The first non-finite loss since the last check, recorded on the device (no host sync per step).
+
+    Args:
+        device: Where the losses are.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.step: Tensor | None = None
+        self.value = torch.zeros((), device=device)
+        self.ids: Tensor | None = None
+
+    def observe(self, loss: Tensor, step: int, ids: Tensor) -> None:
+        """Remember ``(step, loss, ids)`` if ``loss`` is the first non-finite one since ``reset``."""
+        bad = ~torch.isfinite(loss.detach())
+        first = self.step if self.step is not None else torch.full((), -1, dtype=torch.long, device=self.device)
+        new = bad & (first < 0)
+        self.step = torch.where(new, torch.full_like(first, step), first)
+        self.value = torch.where(new, loss.detach().float(), self.value)
+        self.ids = ids.clone() if self.ids is None or self.ids.shape != ids.shape else torch.where(new, ids, self.ids)
+
+    def first(self) -> tuple[int, float, list[int]] | None:
+        """``(step, loss, batch ids)`` of the first non-finite loss seen, or ``None`` (reads the device)."""
+        if self.step is None or int(self.step.item()) < 0:
+            return None
+        assert self.ids is not None
+        return int(self.step.item()), float(self.value.item()), [int(i) for i in self.ids.tolist()]
+
+
 class Trainer:
     """Optimises a ``Method`` on a dataset; checkpoints into ``run_dir/checkpoints``.
 
@@ -149,8 +212,12 @@ class Trainer:
         device: Device to train on.
         tracker: Receives the ``metrics.jsonl`` records (default: none).
 
+    Under an initialised process group (``torchrun``) it trains data-parallel: see the module
+    docstring and ``distributed.py``; ``train.batch_size`` is then the global batch.
+
     Raises:
-        ConfigError: ``train.batch_size`` exceeds the training split.
+        ConfigError: ``train.batch_size`` exceeds the training split, or is not a multiple of
+            the world size.
     """
 
     def __init__(
@@ -168,6 +235,11 @@ class Trainer:
         self.run_dir = run_dir
         self.device = device
         self.tracker = tracker or Tracker()
+        self.rank, self.world = rank(), world_size()
+        self.local_batch = per_rank_batch(cfg.batch_size, self.world)
+        if self.world > 1:
+            enable_gather(self.method)
+        self.step_module: torch.nn.Module | None = None
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -223,15 +295,20 @@ class Trainer:
             CheckpointError: The checkpoint to resume from cannot be read.
         """
         resumed = self.resume() if resume else False
+        if self.world > 1 and self.step_module is None:
+            self.step_module = wrap_ddp(self.method, self.device)
         self.tracker.start(self.state.step if resumed else None)
-        log = MetricsLog(self.run_dir / METRICS_FILE, self.state.step if resumed else None, self.tracker)
-        self.progress = progress or make_progress(self.cfg.epochs, self.total_steps, self.cfg.progress_every)
+        resume_step = self.state.step if resumed else None
+        log = MetricsLog(self.run_dir / METRICS_FILE, resume_step, self.tracker, lead=self.rank == 0)
+        quiet = Progress(self.cfg.epochs, self.total_steps)  # ranks other than 0 report nothing
+        shown = make_progress(self.cfg.epochs, self.total_steps, self.cfg.progress_every) if self.rank == 0 else quiet
+        self.progress = progress or shown
         end = self.cfg.epochs if max_epochs is None else min(self.cfg.epochs, self.state.epoch + max_epochs)
         while self.state.epoch < end:
             summary = self._run_epoch(self.state.epoch, log)
             self.state.epoch += 1
             log.write({"step": self.state.step, "epoch": self.state.epoch, **summary})
-            if self.state.epoch % self.cfg.save_every == 0 or self.state.epoch == self.cfg.epochs:
+            if self.rank == 0 and (self.state.epoch % self.cfg.save_every == 0 or self.state.epoch == self.cfg.epochs):
                 self._save()
         return self.state
 
@@ -252,53 +329,103 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         ctx = EpochContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch, self._dataset_pass)
         self.method.on_epoch_start(ctx)
-        loader = make_loader(
-            self.dataset, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, seed=seed, drop_last=True
-        )
+        if self.world > 1:
+            seed_everything(rank_seed(seed, self.rank))
         self.method.train()
-        total, count, start = 0.0, 0, time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        count, start = 0, time.perf_counter()
+        watch = NonfiniteWatch(self.device)
         self.progress.start_epoch(epoch, self.steps_per_epoch)
-        for batch in loader:
+        for batch in self._loader(seed):
             batch = batch.to(self.device)
             out = self._step(batch, epoch)
             if out is None:
                 continue
-            loss = out.loss.detach().item()
+            loss = out.loss.detach()
+            if self.cfg.skip_nonfinite == 0:
+                watch.observe(loss, self.state.step + 1, batch.ids)
             total += loss
-            count += batch.size
+            count += self.cfg.batch_size
             self.state.step += 1
             self.method.after_step(self._context(epoch))
-            self.progress.step(self.state.step, loss, batch.size)
+            self.progress.step(self.state.step, loss, self.cfg.batch_size)
             if self.state.step % self.cfg.log_every == 0:
+                self._check_nonfinite(watch, epoch)
                 rate = count / max(time.perf_counter() - start, 1e-9)
-                log.write(self._step_record(epoch + count / len(self.dataset), loss, rate, out))
+                log.write(self._step_record(epoch + count / len(self.dataset), rate, out))
+        self._check_nonfinite(watch, epoch)
         steps = max(1, count // self.cfg.batch_size)
-        self.progress.end_epoch(epoch, total / steps)
+        mean = float(mean_over_ranks(total).item()) / steps
+        self.progress.end_epoch(epoch, mean)
         return {
-            "epoch_loss": total / steps,
+            "epoch_loss": mean,
             "epoch_seconds": time.perf_counter() - start,
             "skipped_nonfinite": self.state.skipped_nonfinite,
         }
 
-    def _step_record(self, epoch: float, loss: float, rate: float, out: LossOutput) -> dict[str, Any]:
-        """The ``metrics.jsonl`` record of the step just taken."""
-        return {
+    def _loader(self, seed: int) -> Any:
+        """The epoch's shuffled batches: the whole batch in one process, this rank's slice of it under DDP."""
+        if self.world == 1:
+            return make_loader(
+                self.dataset, self.cfg.batch_size, True, num_workers=self.cfg.num_workers, seed=seed, drop_last=True
+            )
+        sampler = ShardedBatches(len(self.dataset), self.cfg.batch_size, self.rank, self.world, seed)
+        return make_loader(
+            self.dataset,
+            self.local_batch,
+            False,
+            num_workers=self.cfg.num_workers,
+            seed=rank_seed(seed, self.rank),
+            drop_last=True,
+            sampler=sampler,
+        )
+
+    def _check_nonfinite(self, watch: NonfiniteWatch, epoch: int) -> None:
+        """Raise for the first non-finite loss ``watch`` saw (on any rank); reads the device.
+
+        Raises:
+            TrainingError: A loss was non-finite and ``train.skip_nonfinite`` is 0.
+        """
+        found = watch.first()
+        if not any_rank(found is not None, self.device):
+            return
+        if found is None:
+            raise TrainingError(
+                f"non-finite loss on another rank in epoch {epoch + 1}/{self.cfg.epochs} (see its error line)"
+            )
+        step, value, ids = found
+        place = StepPlace(step, self.total_steps, epoch + 1, self.cfg.epochs, ids)
+        last = latest_checkpoint(self.ckpt_dir)
+        raise nonfinite_error(place, value, self.cfg.lr, self.cfg.skip_nonfinite, last)
+
+    def _step_record(self, epoch: float, rate: float, out: LossOutput) -> dict[str, Any]:
+        """The ``metrics.jsonl`` record of the step just taken (values averaged over ranks)."""
+        values = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.parts.values())])
+        reduced: list[float] = mean_over_ranks(values).tolist()
+        record = {
             "step": self.state.step,
             "epoch": epoch,
-            "loss": loss,
+            "loss": reduced[0],
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": rate,
             "skipped_nonfinite": self.state.skipped_nonfinite,
-            **{f"loss/{k}": float(v.detach()) for k, v in out.parts.items()},
-            **out.metrics,
+            **{f"loss/{k}": v for k, v in zip(out.parts, reduced[1:], strict=True)},
         }
+        return record | average_records(dict(out.metrics))
 
     def _context(self, epoch: int) -> StepContext:
         return StepContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch)
 
     def _dataset_pass(self) -> Any:
-        """One unshuffled pass over the training split, on the device (for epoch-start hooks)."""
-        loader = make_loader(self.dataset, self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        """One unshuffled pass over the training split, on the device (for epoch-start hooks).
+
+        Under DDP each rank passes over its contiguous shard (``ContiguousShard``); objectives
+        gather the rows, in rank order, into the single-process pass.
+        """
+        sampler = ContiguousShard(len(self.dataset), self.rank, self.world) if self.world > 1 else None
+        loader = make_loader(
+            self.dataset, self.local_batch, shuffle=False, num_workers=self.cfg.num_workers, sampler=sampler
+        )
         return (batch.to(self.device) for batch in loader)
 
     def _step(self, batch: Batch, epoch: int) -> LossOutput | None:
@@ -309,7 +436,7 @@ class Trainer:
         """
         try:
             out = self._forward(batch)
-            if not torch.isfinite(out.loss.detach()):
+            if self.cfg.skip_nonfinite > 0 and any_rank(not bool(torch.isfinite(out.loss.detach())), self.device):
                 self._skip_nonfinite(out, batch, epoch)
                 return None
             self._update(out)
@@ -324,6 +451,9 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> LossOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            if self.step_module is not None:
+                out: LossOutput = self.step_module(batch)
+                return out
             return self.method.loss(self.method(batch), batch)
 
     def _update(self, out: LossOutput) -> None:

@@ -12,7 +12,11 @@ import sys
 import time
 from typing import TextIO
 
+from torch import Tensor
 from tqdm.auto import tqdm
+
+#: Seconds between two loss readings of the bar (each reads the device).
+SHOW_EVERY_S = 1.0
 
 
 def format_duration(seconds: float) -> str:
@@ -47,8 +51,12 @@ class Progress:
     def start_epoch(self, epoch: int, steps: int) -> None:
         """Epoch ``epoch`` (0-based) of ``steps`` steps begins."""
 
-    def step(self, step: int, loss: float, samples: int) -> None:
-        """Step ``step`` (1-based, of the run) ended with ``loss`` on a batch of ``samples``."""
+    def step(self, step: int, loss: Tensor | float, samples: int) -> None:
+        """Step ``step`` (1-based, of the run) ended with ``loss`` on a batch of ``samples``.
+
+        ``loss`` may be a tensor still on the device: reporters read it only when they show it,
+        so a step that shows nothing costs no host synchronisation.
+        """
 
     def end_epoch(self, epoch: int, mean_loss: float) -> None:
         """Epoch ``epoch`` (0-based) ended with mean loss ``mean_loss``."""
@@ -61,6 +69,7 @@ class BarProgress(Progress):
         super().__init__(epochs, total_steps, stream)
         self.bar: tqdm | None = None
         self.samples, self.start = 0, time.perf_counter()
+        self.shown = 0.0
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         """Open the epoch's bar."""
@@ -68,12 +77,15 @@ class BarProgress(Progress):
         self.bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0, file=self.stream)
         self.samples, self.start = 0, time.perf_counter()
 
-    def step(self, step: int, loss: float, samples: int) -> None:
-        """Advance the bar; show the loss and samples/s."""
+    def step(self, step: int, loss: Tensor | float, samples: int) -> None:
+        """Advance the bar; show the loss and samples/s (read at most once per second)."""
         self.samples += samples
-        rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+            if now - self.shown >= SHOW_EVERY_S:
+                rate = self.samples / max(now - self.start, 1e-9)
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:.0f}", refresh=False)
+                self.shown = now
             self.bar.update(1)
 
     def end_epoch(self, epoch: int, mean_loss: float) -> None:
@@ -102,13 +114,13 @@ class LineProgress(Progress):
         """Reset the epoch's counters."""
         self.epoch, self.epoch_samples, self.epoch_start = epoch, 0, time.perf_counter()
 
-    def step(self, step: int, loss: float, samples: int) -> None:
+    def step(self, step: int, loss: Tensor | float, samples: int) -> None:
         """Count the step; every ``every`` steps write a line with this step's loss."""
         self.steps_done += 1
         self.epoch_samples += samples
         self.last_step = step
         if self.every is not None and step % self.every == 0:
-            self._write(f"loss {loss:.4f}")
+            self._write(f"loss {float(loss):.4f}")
 
     def end_epoch(self, epoch: int, mean_loss: float) -> None:
         """Write the epoch's line with its mean loss."""

@@ -56,7 +56,9 @@ class TrainConfig(_Section):
     """Optimisation and run control."""
 
     epochs: int = Field(10, gt=0, description="Passes over the training split.")
-    batch_size: int = Field(256, gt=1, description="Samples per step (per process).")
+    batch_size: int = Field(
+        256, gt=1, description="Samples per step: the global batch, split evenly over the processes under torchrun."
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(
         0.05, ge=0, description="AdamW decoupled weight decay (not on norms/biases/temperature)."

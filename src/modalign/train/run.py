@@ -42,10 +42,11 @@ from modalign.objectives.captioning import (
 )
 from modalign.train.build import build_dataset, build_method, make_loader, resolve_device
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
+from modalign.train.distributed import barrier, distributed_session, enable_gather
 from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
 from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
 from modalign.train.run_report import record_command, write_run_report
-from modalign.train.tracking import log_evaluation, make_tracker
+from modalign.train.tracking import Tracker, log_evaluation, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,18 @@ def _resume_view(recipe: Recipe) -> dict[str, Any]:
     return tree
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = True) -> None:
     """Create ``run_dir``, check it is writable and write the resolved recipe; refuse to resume a different recipe.
+
+    With ``write=False`` (ranks other than 0) only the resume check runs.
 
     Raises:
         RunDirError: If ``run_dir`` cannot be created or written to.
         ConfigError: If ``run_dir`` already holds a run of another recipe and ``resume`` is set
             (only ``RUN_CONTROL_KEYS`` may differ).
     """
-    ensure_writable(run_dir)
+    if write:
+        ensure_writable(run_dir)
     path = run_dir / CONFIG_FILE
     if resume and path.exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
         old = validate_recipe(yaml.safe_load(path.read_text()), str(path))
@@ -98,7 +102,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
             raise ConfigError(
                 "run_dir", f"{run_dir} holds a run of a different recipe; pick a new --run-dir or --no-resume"
             )
-    write_text_atomic(path, dump_recipe(recipe))
+    if write:
+        write_text_atomic(path, dump_recipe(recipe))
 
 
 def save_artifacts(dataset: MultimodalDataset, run_dir: Path) -> None:
@@ -124,6 +129,10 @@ def train_run(
 ) -> dict[str, float] | None:
     """Train the recipe in ``run_dir`` (resuming if possible), then evaluate.
 
+    Launched by ``torchrun`` (``WORLD_SIZE > 1``) it joins the group and trains data-parallel
+    (``train.distributed``); rank 0 alone writes the run directory and evaluates, the other
+    ranks wait for it and return ``None``.
+
     Args:
         recipe: Validated recipe (``data.root`` already resolved by the caller if given).
         run_dir: Run directory.
@@ -132,30 +141,34 @@ def train_run(
         command: The command line of this call, appended to ``RUN_DIR/command.txt``.
 
     Returns:
-        The flat test metrics, or ``None`` if the run stopped before its last epoch.
+        The flat test metrics (on rank 0), or ``None`` if the run stopped before its last epoch.
     """
-    prepare_run_dir(recipe, run_dir, resume)
-    if command:
-        record_command(run_dir, command)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    seed_everything(recipe.train.seed)
-    train_ds = build_dataset(recipe, "train")
-    save_artifacts(train_ds, run_dir)
-    method = build_method(recipe, train_ds.modalities)
-    device = resolve_device(recipe.train.device)
-    tracker = make_tracker(recipe.train.track, run_dir, dump_recipe(recipe))
-    try:
-        trainer = Trainer(method, train_ds, recipe.train, run_dir, device, tracker)
-        state = trainer.fit(resume=resume, max_epochs=max_epochs)
-        if state.epoch < recipe.train.epochs:
-            log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
-            return None
-        metrics = evaluate_method(recipe, method, run_dir, device)
-        log_evaluation(tracker, metrics, run_dir / "plots", state.step)
-        return metrics
-    finally:
-        tracker.close()
+    with distributed_session(resolve_device(recipe.train.device)) as (dist_ctx, device):
+        prepare_run_dir(recipe, run_dir, resume, write=dist_ctx.lead)
+        if command and dist_ctx.lead:
+            record_command(run_dir, command)
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        seed_everything(recipe.train.seed)
+        train_ds = build_dataset(recipe, "train")
+        if dist_ctx.lead:
+            save_artifacts(train_ds, run_dir)
+        method = build_method(recipe, train_ds.modalities)
+        tracker = make_tracker(recipe.train.track, run_dir, dump_recipe(recipe)) if dist_ctx.lead else Tracker()
+        try:
+            trainer = Trainer(method, train_ds, recipe.train, run_dir, device, tracker)
+            state = trainer.fit(resume=resume, max_epochs=max_epochs)
+            enable_gather(method, False)
+            metrics = None
+            if state.epoch < recipe.train.epochs:
+                log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
+            elif dist_ctx.lead:
+                metrics = evaluate_method(recipe, method, run_dir, device)
+                log_evaluation(tracker, metrics, run_dir / "plots", state.step)
+            barrier()
+            return metrics
+        finally:
+            tracker.close()
 
 
 def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Method]:
