@@ -40,12 +40,39 @@ class BadValueError(Exception):
 
 @dataclass
 class ManifestRow:
-    """A decoded row: ``values`` holds prepared raw values (not yet transformed)."""
+    """A decoded row: ``values`` holds prepared raw values (not yet transformed).
+
+    ``sources`` names each value's content (the resolved file, or the inline text);
+    ``modality_ids`` are the content ids ``assign_content_ids`` gives.
+    """
 
     number: int
     id: int
     values: dict[str, Any]
     labels: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    modality_ids: dict[str, int] = field(default_factory=dict)
+
+
+def assign_content_ids(rows: list[ManifestRow]) -> None:
+    """Give a column's value its own content id where rows sharing an id differ in that column.
+
+    Several rows with one id are one pair group (never each other's negatives); a column whose
+    value is the same on all of them (the photo of five captions) holds one item, whose content
+    id is the sample id (nothing is stored). A column whose values differ within the group (the
+    five captions) holds one item per distinct value: ``modality_ids[column]`` becomes a stable
+    hash of the id and the value's source, so evaluation ranks each caption once and the photo
+    once (``modalign.eval.items``). Rows with a unique id get nothing.
+    """
+    seen: dict[tuple[str, int], set[str]] = {}
+    for r in rows:
+        for col, src in r.sources.items():
+            seen.setdefault((col, r.id), set()).add(src)
+    for r in rows:
+        for col, src in r.sources.items():
+            if len(seen[(col, r.id)]) > 1:
+                digest = hashlib.sha256(f"{col}\x00{r.id}\x00{src}".encode()).digest()
+                r.modality_ids[col] = int.from_bytes(digest[:8], "big") >> 1
 
 
 def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:

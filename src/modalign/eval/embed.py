@@ -7,7 +7,7 @@ Evaluation never sees a model: it reads ``{modality: Tensor[B, E]}`` from anythi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -92,14 +92,20 @@ class EmbeddingSet:
             not observed hold whatever the embedder returned for the zero input (or zeros when
             the modality was missing from the whole batch) and must be ignored.
         present: ``{modality: BoolTensor[N]}``; ``True`` where the modality was observed.
-        ids: ``LongTensor[N]`` sample ids (equal ids = same content).
+        ids: ``LongTensor[N]`` sample ids (equal ids = same pair group: never each other's
+            negatives).
         labels: ``{name: LongTensor[N]}`` evaluation labels, ``-1`` where unknown.
+        content_ids: ``{modality: LongTensor[N]}`` content ids of a modality's rows where they
+            differ from ``ids`` (``Batch.modality_ids``: av-digits' recordings, a manifest's
+            several captions per id); read them through ``content_of``. Retrieval ranks one
+            row per distinct content id (``modalign.eval.items``).
     """
 
     embeddings: dict[str, Tensor]
     present: dict[str, Tensor]
     ids: Tensor
     labels: dict[str, Tensor]
+    content_ids: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = int(self.ids.shape[0]) if self.ids.ndim == 1 else -1
@@ -117,6 +123,10 @@ class EmbeddingSet:
                 raise EvalInputError(f"EmbeddingSet.present[{m!r}]: expected a BoolTensor[{n}]")
         for k, v in self.labels.items():
             check_vector(f"EmbeddingSet.labels[{k!r}]", v, n)
+        for m, v in self.content_ids.items():
+            if m not in self.embeddings:
+                raise EvalInputError(f"EmbeddingSet.content_ids[{m!r}]: no such modality ({sorted(self.embeddings)})")
+            check_vector(f"EmbeddingSet.content_ids[{m!r}]", v, n)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -125,6 +135,10 @@ class EmbeddingSet:
     def modalities(self) -> tuple[str, ...]:
         """Modality names in sorted order."""
         return tuple(sorted(self.embeddings))
+
+    def content_of(self, modality: str) -> Tensor:
+        """``LongTensor[N]`` content ids of ``modality``'s rows (equal = same item)."""
+        return self.content_ids.get(modality, self.ids)
 
     def subset(self, mask: Tensor) -> EmbeddingSet:
         """Return the rows where ``mask`` (``BoolTensor[N]``) is ``True``.
@@ -142,6 +156,7 @@ class EmbeddingSet:
             present={k: v[mask] for k, v in self.present.items()},
             ids=self.ids[mask],
             labels={k: v[mask] for k, v in self.labels.items()},
+            content_ids={k: v[mask] for k, v in self.content_ids.items()},
         )
 
 
@@ -222,4 +237,14 @@ def embed_loader(embedder: Embedder, batches: Iterable[Batch], device: torch.dev
         raise EvalInputError("embed_loader: the loader yielded no batches")
     embeddings, present, labels = _assemble(per_batch, kept)
     ids = torch.cat([b.ids.to("cpu", torch.long) for b in kept])
-    return EmbeddingSet(embeddings=embeddings, present=present, ids=ids, labels=labels)
+    return EmbeddingSet(embeddings, present, ids, labels, batch_content_ids(kept, set(embeddings)))
+
+
+def batch_content_ids(batches: list[Batch], modalities: set[str]) -> dict[str, Tensor]:
+    """``{modality: LongTensor[N]}`` of the ``Batch.modality_ids`` any batch gives, concatenated.
+
+    A batch without a modality's content ids contributes its sample ids (``Batch.ids_of``).
+    Only ``modalities`` (those embedded) are kept.
+    """
+    names = sorted({m for b in batches for m in b.modality_ids} & modalities)
+    return {m: torch.cat([b.ids_of(m).to("cpu", torch.long) for b in batches]) for m in names}

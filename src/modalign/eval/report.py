@@ -3,12 +3,17 @@
 Key scheme of ``evaluate_embeddings`` (modalities in sorted order, ``a != b``):
 
 * ``"{a}->{b}/R@1"``, ``"/R@5"``, ``"/R@10"``, ``"/median_rank"``: instance retrieval of ``b`` by
-  ``a`` (positives = same sample id) over the test rows where both modalities are present.
-* with a label: ``"{a}->{b}/p@1"``, ``"{a}->{b}/mAP"`` (class-match retrieval over the same rows,
-  restricted to rows whose label is known) and ``"{a}->{b}/zero_shot"`` (those ``a`` rows
-  classified by the nearest class prototype of modality ``b``; prototypes are built from the
-  TRAIN set's labelled ``b`` rows when ``train`` is given, otherwise from the ``b`` embeddings of
-  the same test rows).
+  ``a`` over the test rows where both modalities are present, **one query per distinct ``a``
+  item and one gallery entry per distinct ``b`` item** (``modalign.eval.items``: several
+  captions of one photo are several ``text`` items but one ``image`` item). Positives are the
+  gallery items paired with the query (same sample id or shared content, transitively); the
+  rank is that of the best-ranked positive, so image->text scores a hit when any caption of
+  the image is in the top K and text->image ranks each caption's photo among distinct photos.
+* with a label: ``"{a}->{b}/p@1"``, ``"{a}->{b}/mAP"`` (class-match retrieval over the same
+  distinct items, restricted to items whose label, read from the item's first row, is known)
+  and ``"{a}->{b}/zero_shot"`` (those ``a`` items classified by the nearest class prototype of
+  modality ``b``; prototypes are built from the TRAIN set's labelled ``b`` rows when ``train``
+  is given, otherwise from the distinct labelled ``b`` items of the test rows).
 * with a label: ``"{a}/nmi"`` and ``"{a}/ari"`` for every modality: k-means with ``k`` = the
   number of distinct labels on the test rows where ``a`` is present and labelled, scored against
   the label (``modalign.eval.clustering``; ``seed`` is the k-means ``random_state``).
@@ -48,6 +53,7 @@ from modalign.eval.classification import (
 from modalign.eval.clustering import cluster_scores, kmeans_scores
 from modalign.eval.embed import EmbeddingSet, EvalInputError
 from modalign.eval.gap import modality_gap
+from modalign.eval.items import distinct_rows, item_groups
 from modalign.eval.retrieval import class_match_metrics, retrieval_metrics
 
 #: Retrieval metrics reported per ordered pair.
@@ -80,27 +86,46 @@ def _prototypes(
     return class_prototypes(train.embeddings[b][keep], train.labels[label][keep])
 
 
+def _pair_items(test: EmbeddingSet, a: str, b: str) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Distinct items of the ordered pair ``a -> b`` over the test rows where both are present.
+
+    Returns:
+        ``(query rows LongTensor[Q], gallery rows LongTensor[G], groups LongTensor[N])``: one
+        row per distinct ``a`` item and per distinct ``b`` item, and every test row's relevance
+        group (``modalign.eval.items``); ``None`` when no row holds both modalities.
+    """
+    rows = (test.present[a] & test.present[b]).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    content_a, content_b = test.content_of(a)[rows], test.content_of(b)[rows]
+    groups = torch.full((len(test),), -1, dtype=torch.long)
+    groups[rows] = item_groups(test.ids[rows], content_a, content_b)
+    return rows[distinct_rows(content_a)], rows[distinct_rows(content_b)], groups
+
+
 def _pair_metrics(
     train: EmbeddingSet | None, test: EmbeddingSet, a: str, b: str, label: str | None, chunk_size: int
 ) -> dict[str, float]:
-    """Metrics of the ordered pair ``a -> b`` over the test rows where both are present."""
-    rows = test.present[a] & test.present[b]
-    if not bool(rows.any()):
+    """Metrics of the ordered pair ``a -> b`` over its distinct items (see the module docstring)."""
+    items = _pair_items(test, a, b)
+    if items is None:
         return {}
-    ids = test.ids[rows]
-    ret = retrieval_metrics(test.embeddings[a][rows], test.embeddings[b][rows], ids, ids, chunk_size)
+    qrows, grows, groups = items
+    ea, eb = test.embeddings[a], test.embeddings[b]
+    ret = retrieval_metrics(ea[qrows], eb[grows], groups[qrows], groups[grows], chunk_size)
     out = {f"{a}->{b}/{k}": ret[k] for k in RETRIEVAL_KEYS}
     if label is None:
         return out
-    rows = rows & (_labels(test, label, "test") >= 0)
-    if not bool(rows.any()):
+    y = _labels(test, label, "test")
+    qrows, grows = qrows[y[qrows] >= 0], grows[y[grows] >= 0]
+    if not bool(torch.isin(y[qrows], y[grows]).any()):  # no labelled query with a labelled match
         return out
-    qa, gb, y = test.embeddings[a][rows], test.embeddings[b][rows], test.labels[label][rows]
-    match = class_match_metrics(qa, gb, y, y, chunk_size)
+    qa, ya = ea[qrows], y[qrows]
+    match = class_match_metrics(qa, eb[grows], ya, y[grows], chunk_size)
     out[f"{a}->{b}/p@1"] = match["p@1"]
     out[f"{a}->{b}/mAP"] = match["mAP"]
-    classes, protos = _prototypes(train, test, rows, b, label)
-    out[f"{a}->{b}/zero_shot"] = zero_shot_accuracy(qa, y, protos, classes, chunk_size)
+    classes, protos = _prototypes(train, test, grows, b, label)
+    out[f"{a}->{b}/zero_shot"] = zero_shot_accuracy(qa, ya, protos, classes, chunk_size)
     return out
 
 

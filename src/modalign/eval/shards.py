@@ -8,7 +8,8 @@ A single ``.npz`` (``save_embeddings``) holds a whole split in memory; for milli
     index.json                            # written last: shards, rows, modalities, labels
 
 Keys of every ``.npz`` (single file or shard): ``ids``, ``embeddings/<m>`` (``float32 [n, E]``),
-``present/<m>`` (``bool [n]``), ``labels/<name>`` (``int64 [n]``, ``-1`` unknown). A shard where
+``present/<m>`` (``bool [n]``), ``labels/<name>`` (``int64 [n]``, ``-1`` unknown) and, for a
+modality whose rows carry their own content ids, ``content/<m>`` (``int64 [n]``). A shard where
 a modality or label never occurred is filled on reading (zeros and ``present = False``, or
 ``-1``), so every ``EmbeddingSet`` that ``iter_embedding_shards`` yields has the same keys.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from modalign.core.types import Batch, Embedder
-from modalign.eval.embed import EmbeddingSet, EvalInputError, _assemble, _embed_batch
+from modalign.eval.embed import EmbeddingSet, EvalInputError, _assemble, _embed_batch, batch_content_ids
 
 INDEX_FILE = "index.json"
 SHARD_NAME = "shard-{:05d}.npz"
@@ -40,6 +41,8 @@ def save_embeddings(emb: EmbeddingSet, out: Path) -> Path:
         arrays[f"present/{m}"] = emb.present[m].numpy()
     for name, y in emb.labels.items():
         arrays[f"labels/{name}"] = y.numpy()
+    for m, c in emb.content_ids.items():
+        arrays[f"content/{m}"] = c.numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     return out
@@ -54,13 +57,15 @@ def _read_npz(path: Path, widths: dict[str, int] | None = None, labels: Iterable
             k.split("/", 1)[1]: torch.from_numpy(arrays[k]).float() for k in arrays.files if k.startswith("embeddings/")
         }
         present = {m: torch.from_numpy(arrays[f"present/{m}"]).bool() for m in emb}
-        labs = {k.split("/", 1)[1]: torch.from_numpy(arrays[k]).long() for k in arrays.files if k.startswith("labels/")}
+        ints = {k: torch.from_numpy(arrays[k]).long() for k in arrays.files if k.startswith(("labels/", "content/"))}
+    labs = {k.split("/", 1)[1]: v for k, v in ints.items() if k.startswith("labels/")}
+    content = {k.split("/", 1)[1]: v for k, v in ints.items() if k.startswith("content/")}
     for m, width in (widths or {}).items():
         if m not in emb:
             emb[m], present[m] = torch.zeros(n, width), torch.zeros(n, dtype=torch.bool)
     for name in labels:
         labs.setdefault(name, torch.full((n,), -1, dtype=torch.long))
-    return EmbeddingSet(embeddings=emb, present=present, ids=ids, labels=labs)
+    return EmbeddingSet(embeddings=emb, present=present, ids=ids, labels=labs, content_ids=content)
 
 
 def concat_embedding_sets(sets: list[EmbeddingSet]) -> EmbeddingSet:
@@ -77,12 +82,14 @@ def concat_embedding_sets(sets: list[EmbeddingSet]) -> EmbeddingSet:
             if widths.setdefault(m, int(x.shape[1])) != x.shape[1]:
                 raise EvalInputError(f"modality {m!r} has width {widths[m]} in one set and {x.shape[1]} in another")
     names = sorted({k for s in sets for k in s.labels})
+    content = sorted({m for s in sets for m in s.content_ids})
     filled = [_fill(s, widths, names) for s in sets]
     return EmbeddingSet(
         embeddings={m: torch.cat([s.embeddings[m] for s in filled]) for m in widths},
         present={m: torch.cat([s.present[m] for s in filled]) for m in widths},
         ids=torch.cat([s.ids for s in filled]),
         labels={k: torch.cat([s.labels[k] for s in filled]) for k in names},
+        content_ids={m: torch.cat([s.content_of(m) for s in filled]) for m in content},
     )
 
 
@@ -94,6 +101,7 @@ def _fill(s: EmbeddingSet, widths: dict[str, int], names: list[str]) -> Embeddin
         present={m: s.present.get(m, torch.zeros(n, dtype=torch.bool)) for m in widths},
         ids=s.ids,
         labels={k: s.labels.get(k, torch.full((n,), -1, dtype=torch.long)) for k in names},
+        content_ids=s.content_ids,
     )
 
 
@@ -200,7 +208,8 @@ def write_embedding_shards(
             for batch in batches:
                 embeddings, present, labels = _assemble([_embed_batch(embedder, batch, device)], [batch])
                 ids = batch.ids.to("cpu", torch.long)
-                writer.add(EmbeddingSet(embeddings=embeddings, present=present, ids=ids, labels=labels))
+                content = batch_content_ids([batch], set(embeddings))
+                writer.add(EmbeddingSet(embeddings, present, ids, labels, content))
     finally:
         set_train = getattr(embedder, "train", None)
         if isinstance(was_training, bool) and callable(set_train):

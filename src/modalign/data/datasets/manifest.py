@@ -19,6 +19,12 @@ file fails at once with the manifest, row, column, file and reason; data that do
 memory belongs in streamed shards instead. With ``skip_bad=True`` bad rows are skipped,
 counted in ``n_skipped`` and listed in ``skipped``.
 
+Several rows may share an id: five rows holding one photo and five captions are one photo
+with five captions (the COCO / Flickr30k layout). They are never each other's negatives, and
+a column whose value differs within such a group gets a content id per value
+(``Sample.modality_ids``, ``assign_content_ids``), so evaluation ranks the photo once and each
+caption once.
+
 Splits: ``train_file`` is the training split and ``test_file`` the test split. Without a
 ``test_file`` the test split is a hold-out of 10% of ``train_file``'s rows (at least one),
 drawn with ``seed``: build both splits with the same seed. State fitted on the train split
@@ -49,6 +55,7 @@ from modalign.data.manifest_io import (
     SERIES_SCALE,
     BadValueError,
     ManifestRow,
+    assign_content_ids,
     file_of,
     holdout_split,
     infer_kinds,
@@ -85,8 +92,11 @@ class ManifestDataset(MultimodalDataset):
         test_file: Test manifest, or ``None`` to hold out 10% of ``train_file``'s rows.
         modalities: ``{column: kind}`` with kinds among image/audio/text/series/vector;
             ``None`` infers every column except ``id_column`` and ``label_columns``.
-        id_column: Column of sample ids (ints, or strings hashed stably; equal ids = same
-            content); if the header lacks it, the 0-based row index is the id.
+        id_column: Column of sample ids (ints, or strings hashed stably); if the header lacks
+            it, the 0-based row index is the id. Rows sharing an id are one pair group (never
+            each other's negatives): five rows with one photo and five captions are one photo
+            with five captions, and evaluation ranks the photo once and each caption once
+            (``assign_content_ids``).
         label_columns: Evaluation-only labels: non-negative ints kept as they are, other
             values mapped to the index of their sorted unique value over ``train_file``.
         skip_bad: Skip bad rows (counted in ``n_skipped``, listed in ``skipped``) instead of
@@ -219,6 +229,7 @@ class ManifestDataset(MultimodalDataset):
         if not good:
             detail = "; ".join(self.skipped[:3]) if self.skipped else "it has no data rows"
             raise DataError(f"manifest {str(self.path)!r}: no usable row in split {self.split!r}: {detail}")
+        assign_content_ids(good)
         return good
 
     def _decode_row(self, row: dict[str, Any], index: int) -> ManifestRow:
@@ -229,10 +240,12 @@ class ManifestDataset(MultimodalDataset):
         """
         number = index + 1
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for col, kind in self.kinds.items():
             if is_empty(row.get(col)):
                 continue
             file = None if kind == "text" else file_of(row[col], self.path.parent)
+            sources[col] = str(row[col]) if file is None else str(file.resolve())
             try:
                 values[col] = self._decode_value(kind, row[col], file, col)
             except BadValueError as e:
@@ -245,7 +258,7 @@ class ManifestDataset(MultimodalDataset):
                 sample_id = stable_id(row.get(self.id_column))
             except ValueError as e:
                 raise DataError(f"{self._where(number, self.id_column, None)}: {e}") from None
-        return ManifestRow(number, sample_id, values, self._labels(row, number))
+        return ManifestRow(number, sample_id, values, self._labels(row, number), sources)
 
     def _decode_value(self, kind: str, value: Any, file: Path | None, column: str) -> Any:
         """Decode one value (``file is None`` for inline text) into a prepared raw value.
@@ -417,4 +430,4 @@ class ManifestDataset(MultimodalDataset):
                 values[col] = self._series_tf[col](raw)
             else:
                 values[col] = raw
-        return Sample(id=row.id, values=values, labels=dict(row.labels))
+        return Sample(id=row.id, values=values, labels=dict(row.labels), modality_ids=dict(row.modality_ids))
