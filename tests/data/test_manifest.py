@@ -293,3 +293,24 @@ def test_bad_manifest_format_and_json(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text('{"caption": "a cat"}\n\n[1, 2]\n')
     with pytest.raises(DataError, match=r"data row 2 \(1-based"):
         _dataset(tmp_path / "m.jsonl", label_columns=[])
+
+
+def test_holdout_keeps_the_rows_of_one_id_together(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    # five captions per photo (the COCO layout): 10 ids x 5 rows; a held-out id takes all its rows
+    many = [{**r, "id": f"photo-{i}", "caption": f"{r['caption']} {k}"} for i, r in enumerate(rows) for k in range(5)]
+    path = _write_jsonl(tmp_path / "m.jsonl", many)
+    train = _dataset(path, seed=3, test_file=None)
+    test = _dataset(path, seed=3, split="test", test_file=None, artifacts=train.artifacts())
+    train_ids = [train[i].id for i in range(len(train))]
+    test_ids = [test[i].id for i in range(len(test))]
+    assert not set(train_ids) & set(test_ids)
+    assert len(set(test_ids)) == 1 and len(test_ids) == 5 and len(train) == 45
+    # all groups distinct: the same split as one group per row; group sizes are respected
+    keys = [f"k{i}" for i in range(20)]
+    for a, b in zip(holdout_split(20, 3, keys), holdout_split(20, 3), strict=True):
+        assert np.array_equal(a, b)
+    groups = [i // 4 for i in range(40)]  # 10 groups of 4 rows
+    tr, te = holdout_split(40, 5, groups)
+    assert len(te) == 4 and {groups[i] for i in te}.isdisjoint({groups[i] for i in tr})
+    with pytest.raises(DataError, match="2 distinct ids"):
+        holdout_split(3, 0, ["same"] * 3)

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,17 +189,36 @@ def label_classes(rows: list[dict[str, Any]], column: str) -> tuple[str, ...] | 
     return tuple(sorted(set(as_text)))
 
 
-def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``(train rows, test rows)``: a seeded hold-out of ``HOLDOUT_FRACTION`` (>= 1 row).
+def holdout_split(n: int, seed: int, groups: Sequence[Hashable] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train rows, test rows)``: a seeded hold-out of ``HOLDOUT_FRACTION`` of the groups (>= 1).
+
+    Rows of one group (the rows sharing an id: five captions of one photo) land in the same
+    split, so no item is both trained on and evaluated. Without ``groups`` every row is its own
+    group; with all groups distinct the split is the same as without them.
+
+    Args:
+        n: Number of rows.
+        seed: Seed of the permutation.
+        groups: One hashable group key per row (``None``: one group per row).
 
     Raises:
-        DataError: If ``n < 2``.
+        DataError: If there are fewer than 2 groups.
     """
-    if n < 2:
-        raise DataError(f"a hold-out test split needs at least 2 rows, the train file has {n}; pass test_file")
-    n_test = max(1, round(n * HOLDOUT_FRACTION))
-    perm = np.random.default_rng([seed, 10]).permutation(n)
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n:
+        raise ValueError(f"expected {n} group keys, got {len(keys)}")
+    order = list(dict.fromkeys(keys))  # distinct groups in order of first appearance
+    if len(order) < 2:
+        what = "rows" if groups is None else "distinct ids"
+        raise DataError(
+            f"a hold-out test split needs at least 2 {what}, the train file has {len(order)}; pass test_file"
+        )
+    n_test = max(1, round(len(order) * HOLDOUT_FRACTION))
+    perm = np.random.default_rng([seed, 10]).permutation(len(order))
+    test_groups = {order[g] for g in perm[:n_test]}
+    test = np.array([i for i, k in enumerate(keys) if k in test_groups], dtype=np.int64)
+    train = np.array([i for i, k in enumerate(keys) if k not in test_groups], dtype=np.int64)
+    return train, test
 
 
 def resolve_manifest(name: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:

@@ -26,9 +26,10 @@ a column whose value differs within such a group gets a content id per value
 caption once.
 
 Splits: ``train_file`` is the training split and ``test_file`` the test split. Without a
-``test_file`` the test split is a hold-out of 10% of ``train_file``'s rows (at least one),
-drawn with ``seed``: build both splits with the same seed. State fitted on the train split
-(one tokenizer per text column, per-channel statistics per series column) is
+``test_file`` the test split is a hold-out of 10% of ``train_file``'s ids (at least one;
+rows sharing an id, such as the captions of one photo, stay together), drawn with ``seed``:
+build both splits with the same seed. State fitted on the train split (one tokenizer per
+text column, per-channel statistics per series column) is
 returned by ``artifacts()`` and must be passed to the test split.
 """
 
@@ -89,7 +90,8 @@ class ManifestDataset(MultimodalDataset):
         artifacts: ``artifacts()`` of the train split: ``tokenizer-<column>.json`` and
             ``series-<column>.json``; required by the test split.
         train_file: Training manifest (``.jsonl``/``.ndjson``/``.csv``/``.tsv``).
-        test_file: Test manifest, or ``None`` to hold out 10% of ``train_file``'s rows.
+        test_file: Test manifest, or ``None`` to hold out 10% of ``train_file``'s ids (all rows of
+            a held-out id: the captions of one photo stay together).
         modalities: ``{column: kind}`` with kinds among image/audio/text/series/vector;
             ``None`` infers every column except ``id_column`` and ``label_columns``.
         id_column: Column of sample ids (ints, or strings hashed stably); if the header lacks
@@ -160,7 +162,7 @@ class ManifestDataset(MultimodalDataset):
         }
         self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length, augment=self.augment)
-        self._rows = self._decode_rows(rows, self._split_indices(len(rows), test_file is None))
+        self._rows = self._decode_rows(rows, self._split_indices(rows, test_file is None))
         settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
         self._fit(artifacts or {}, settings, max_tokens)
 
@@ -191,10 +193,12 @@ class ManifestDataset(MultimodalDataset):
                 f"the header's columns are {columns}"
             )
 
-    def _split_indices(self, n: int, holdout: bool) -> list[int]:
+    def _split_indices(self, rows: list[dict[str, Any]], holdout: bool) -> list[int]:
+        """Rows of this split: all of them, or a hold-out by id (rows sharing an id stay together)."""
         if not holdout:
-            return list(range(n))
-        train, test = holdout_split(n, self.seed)
+            return list(range(len(rows)))
+        groups = None if self.id_column is None else [str(r.get(self.id_column)) for r in rows]
+        train, test = holdout_split(len(rows), self.seed, groups)
         return [int(i) for i in (train if self.split == "train" else test)]
 
     def _where(self, number: int, column: str, file: Path | None) -> str:
