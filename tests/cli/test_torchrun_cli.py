@@ -46,6 +46,7 @@ def test_two_ranks_write_one_run_and_resume_exactly(data_root: Path, tmp_path: P
     proc = torchrun([*SMALL, "train.epochs=2", "--run-dir", str(full)], data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("metrics in") == 1  # rank 0 prints
+    assert "torchrun --nproc_per_node 2 -m modalign train basicmotions-clip" in (full / "command.txt").read_text()
     metrics = json.loads((full / "eval.json").read_text())
     assert metrics["accel->gyro/R@10"] > 0.25 + 0.1  # chance is 10/40
     records = read_metrics(full / "metrics.jsonl")

@@ -13,6 +13,7 @@ from modalign.train.distributed import (
     ContiguousShard,
     DistContext,
     ShardedBatches,
+    launcher_command,
     per_rank_batch,
     rank_seed,
     single_process_order,
@@ -74,6 +75,15 @@ def test_global_batch_must_split_evenly() -> None:
 def test_rank_seeds_differ_and_rank_zero_keeps_the_seed() -> None:
     assert rank_seed(11, 0) == 11
     assert len({rank_seed(11, r) for r in range(8)}) == 8
+
+
+def test_launcher_command_names_torchrun_under_data_parallelism(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_command() == ["modalign"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launcher_command() == ["torchrun", "--nproc_per_node", "2", "--nnodes", "2", "-m", "modalign"]
 
 
 def test_context_tags_errors_only_under_data_parallelism() -> None:

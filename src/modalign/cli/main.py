@@ -89,8 +89,13 @@ def train(
 def _train_command(
     recipe: str, overrides: list[str], run_dir: Path, data_root: Path | None, resume: bool, max_epochs: int | None
 ) -> list[str]:
-    """The ``modalign train`` command line of these arguments (with the run directory chosen)."""
-    args = ["modalign", "train", recipe, *overrides, "--run-dir", str(run_dir)]
+    """The ``modalign train`` command line of these arguments (with the run directory chosen).
+
+    Under ``torchrun`` it starts with the launcher: ``torchrun --nproc_per_node N -m modalign``.
+    """
+    from modalign.train.distributed import launcher_command
+
+    args = [*launcher_command(), "train", recipe, *overrides, "--run-dir", str(run_dir)]
     args += ["--data-root", str(data_root)] if data_root is not None else []
     args += [] if resume else ["--no-resume"]
     return args + (["--max-epochs", str(max_epochs)] if max_epochs is not None else [])

@@ -15,7 +15,8 @@ What a rank does (see ``docs/architecture.md``, "Data parallel training"):
   forward, so the objectives' own parameters (temperature, prototypes, decoders) are inside it
   and ``find_unused_parameters`` sees every parameter;
 * objectives that read other samples get ``gather=True`` (``enable_gather``), so each rank
-  computes its rows' share of the global-batch loss, with gradient;
+  computes its rows' share of the global-batch loss, with gradient; batch norms normalise
+  with the global batch's statistics (``GlobalBatchNorm``);
 * logged scalars are averaged over ranks at ``log_every`` steps (``mean_over_ranks``,
   ``average_records``).
 """
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
@@ -76,6 +78,19 @@ def launch_context() -> DistContext:
     """The rank, world size and local rank ``torchrun`` put in the environment (defaults: one process)."""
     env = os.environ
     return DistContext(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+def launcher_command() -> list[str]:
+    """How this process was started: ``["modalign"]``, or ``torchrun``'s line under data parallelism.
+
+    ``torchrun --nproc_per_node N [--nnodes M] -m modalign`` (for ``RUN_DIR/command.txt``).
+    """
+    ctx = launch_context()
+    if ctx.world <= 1:
+        return ["modalign"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(ctx.world)))
+    nodes = ["--nnodes", str(ctx.world // per_node)] if per_node != ctx.world else []
+    return ["torchrun", "--nproc_per_node", str(per_node), *nodes, "-m", "modalign"]
 
 
 def _device_of(device: torch.device, local_rank: int) -> torch.device:
@@ -213,6 +228,72 @@ def enable_gather(method: Method, on: bool = True) -> list[str]:
             setattr(objective, "gather", on)  # noqa: B010 (an attribute of some objectives only)
             changed.append(label)
     return changed
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation over the rows of every rank (the statistics of the global batch).
+
+    ``torch.nn.SyncBatchNorm`` runs on accelerators only; this one runs wherever the process
+    group does (gloo on CPU included). In training it all-reduces, with gradient, one
+    ``[2C + 1]`` vector per call (per-channel sums and sums of squares, and the row count),
+    so each rank normalises with, and back-propagates through, the global statistics, as one
+    process would on the whole batch. Evaluation uses the running statistics. Parameters and
+    buffers are those of the ``BatchNorm`` it replaces (same checkpoint keys).
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (rows, channels, ...), got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x: [N, C, ...]`` with the global batch statistics in training."""
+        if not (self.training and is_initialized()):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / max(1, x.shape[1]))])
+        total = dist_fn.all_reduce(local.to(torch.promote_types(x.dtype, torch.float32)))
+        channels = x.shape[1]
+        count = total[-1].clamp_min(1)
+        mean = total[:channels] / count
+        var = (total[channels : 2 * channels] / count - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            self._update_running(mean.detach(), var.detach() * count / (count - 1).clamp_min(1))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked or 1)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+
+
+def global_batch_norm(module: nn.Module) -> int:
+    """Replace every ``BatchNorm1d/2d/3d`` of ``module`` by a ``GlobalBatchNorm`` in place; how many.
+
+    Parameters and buffers move over unchanged (the same tensors), so optimisers built before and
+    checkpoints written after see the same names.
+    """
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            args = (child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = GlobalBatchNorm(*args)
+            new.weight, new.bias = child.weight, child.bias
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(module, name, new)
+            replaced += 1
+        else:
+            replaced += global_batch_norm(child)
+    return replaced
 
 
 class TrainingStep(nn.Module):

@@ -70,6 +70,7 @@ from modalign.train.distributed import (
     any_rank,
     average_records,
     enable_gather,
+    global_batch_norm,
     mean_over_ranks,
     per_rank_batch,
     rank_seed,
@@ -239,6 +240,7 @@ class Trainer:
         self.local_batch = per_rank_batch(cfg.batch_size, self.world)
         if self.world > 1:
             enable_gather(self.method)
+            global_batch_norm(self.method)
         self.step_module: torch.nn.Module | None = None
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
