@@ -107,7 +107,9 @@ def test_equals_infonce_minus_the_positive_in_denominator_correction(seed: int, 
         return
     correction = loop_positive_correction(a, b, s, ids)
     torch.testing.assert_close(dcl, info - correction, rtol=1e-10, atol=1e-12)
-    assert dcl < info
+    # the correction is a mean of log(1 + p) terms, positive but below float64 resolution of the
+    # loss when the positive is negligible next to the negatives (scale 4, n=7 found by hypothesis)
+    assert correction > 0 and dcl <= info
 
 
 @settings(max_examples=30, deadline=None)
