@@ -177,6 +177,19 @@ def infonce_loss(
     chunk = resolve_chunk(chunk_size, g.total)
     if chunk is not None:
         return _streamed_infonce(a, b, logit_scale, g, ids, ids_b, multi_positive, chunk)
+    return _plain_infonce(a, b, logit_scale, g, ids, ids_b, multi_positive)
+
+
+def _plain_infonce(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor,
+    g: Gallery,
+    ids: Tensor | None,
+    ids_b: Tensor | None,
+    multi_positive: bool,
+) -> Tensor:
+    """``infonce_loss`` over the full ``[N, M]`` logits of the local rows against gallery ``g``."""
     n = a.shape[0]
     scale = logit_scale.reshape(()).exp()
     targets = g.targets(n, a.device)

@@ -78,14 +78,13 @@ def sigmoid_loss(
     if g.total == 0:
         return empty_loss(a, b, gather, "sigmoid_loss", logit_scale, logit_bias)
     chunk = resolve_chunk(chunk_size, g.total)
-    if chunk is not None:
-        pair_ids = PairIds(ids, g.ids, ids_b, g.ids_b, g.offset)
-        total = streamed_sigmoid_sum(a, g.b, logit_scale, logit_bias, pair_ids, chunk)
-        return total * (g.weight / g.total)
-    n = a.shape[0]
-    logits = logit_scale.reshape(()).exp() * a @ g.b.T + logit_bias.reshape(())
-    labels = g.same_id(ids, n, a.device, ids_b).to(logits.dtype) * 2.0 - 1.0
-    return -F.logsigmoid(labels * logits).sum() * (g.weight / g.total)
+    if chunk is None:
+        n = a.shape[0]
+        logits = logit_scale.reshape(()).exp() * a @ g.b.T + logit_bias.reshape(())
+        labels = g.same_id(ids, n, a.device, ids_b).to(logits.dtype) * 2.0 - 1.0
+        return -F.logsigmoid(labels * logits).sum() * (g.weight / g.total)
+    pair_ids = PairIds(ids, g.ids, ids_b, g.ids_b, g.offset)
+    return streamed_sigmoid_sum(a, g.b, logit_scale, logit_bias, pair_ids, chunk) * (g.weight / g.total)
 
 
 @register("objective", "sigmoid")
