@@ -545,8 +545,10 @@ def test_av_digits_xdc_recipe_reports_its_own_clusters(data_root: Path, tmp_path
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval.json").read_text())
     for m in ("image", "audio"):
-        # Own-cluster NMI after 2 epochs moves with training numerics (0.42 image at 54629df with 2
-        # threads; 0.12-0.29 since 4f58678 or with 1 thread): the bound checks the keys carry
-        # the method's clusters (chance NMI/ARI are 0); quality is the benchmark's bar (>= 0.80).
+        # Own-cluster image NMI after 2 epochs depends strongly on the batch order: 0.12 / 0.29 /
+        # 0.19 for train.seed 0 / 1 / 2 (and 0.42 before 4f58678, whose tqdm.auto wrapper drew a
+        # second iterator from the seeded loader, so each epoch used another order). The bound
+        # checks the keys carry the method's clusters (chance NMI/ARI are 0); quality is the
+        # benchmark's bar (>= 0.80 after the full recipe).
         assert metrics[f"xdc/{m}/nmi"] > 0.1 and metrics[f"xdc/{m}/ari"] > 0.01, metrics
         assert metrics[f"{m}/nmi"] > 0.3 and metrics[f"{m}/linear_probe"] > 0.6, metrics
