@@ -15,7 +15,6 @@ from modalign.core.types import (
     Batch,
     EncoderOutput,
     EpochContext,
-    FusionOutput,
     LossOutput,
     ModalitySpec,
     Outputs,
@@ -115,11 +114,54 @@ class Encoder(nn.Module, ABC):
 
 
 class Fusion(nn.Module, ABC):
-    """Combines per-modality encoder outputs. Inputs are a dict; keys are processed sorted."""
+    """Joins several modalities' encoder tokens into one representation per sample.
+
+    Contract (``docs/architecture.md``, "Fusion"):
+
+    * Built knowing each modality's token width: ``__init__(widths={modality: D_m}, **hparams)``;
+      ``widths`` is filled in by the framework from the encoders (a recipe names only the
+      hyper-parameters). It sets ``self.dim``, the width ``D_f`` of what it returns; ``dim == 0``
+      means no joint representation (``fusion: none``, two towers).
+    * ``forward(inputs, present) -> EncoderOutput | None``: ``inputs`` holds the modalities
+      observed in at least one row of the batch, each laid out over the whole batch (rows
+      where it is absent have zero tokens, all padded); ``present[m]`` is ``BoolTensor[B]``.
+      It returns fused tokens ``[B, T_f, D_f]``, a pooled ``[B, D_f]`` and their padding.
+    * Missing modalities: a row's output depends only on the unpadded tokens of the modalities
+      present in that row; the values of an absent modality (or of padded tokens) never
+      influence anything, and a row with one modality present gets a valid output.
+    * Rows are independent: a sample alone gives what it gives inside a batch (no batch
+      statistics in fusion modules).
+
+    Retrieval embeddings never pass through the fusion module: each modality's embedding is
+    computed from its own encoder alone, so a sample's partner is never visible to it.
+    """
+
+    dim: int = 0
+
+    def __init__(self, widths: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.widths = dict(sorted((widths or {}).items()))
 
     @abstractmethod
-    def forward(self, inputs: dict[str, EncoderOutput]) -> FusionOutput:
-        """Fuse ``{modality: EncoderOutput}`` into a ``FusionOutput``."""
+    def forward(self, inputs: dict[str, EncoderOutput], present: dict[str, Tensor]) -> EncoderOutput | None:
+        """Fuse ``{modality: EncoderOutput}`` (rows where ``present[m]``) into one ``EncoderOutput``."""
+
+    def check_inputs(self, inputs: dict[str, EncoderOutput], present: dict[str, Tensor]) -> None:
+        """Raise ``ValueError`` naming the modality if ``inputs`` do not fit the built widths.
+
+        Raises:
+            ValueError: An unknown modality, a missing ``present`` mask, or a wrong token width.
+        """
+        for m, out in inputs.items():
+            if m not in self.widths:
+                raise ValueError(f"{type(self).__name__}: modality {m!r} was not built for (widths {self.widths})")
+            if m not in present:
+                raise ValueError(f"{type(self).__name__}: no present mask for modality {m!r}")
+            if out.tokens.shape[-1] != self.widths[m]:
+                raise ValueError(
+                    f"{type(self).__name__}: modality {m!r} tokens have width {out.tokens.shape[-1]}, "
+                    f"built for {self.widths[m]}"
+                )
 
 
 class Objective(nn.Module, ABC):

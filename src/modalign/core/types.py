@@ -156,19 +156,6 @@ class EncoderOutput:
 
 
 @dataclass
-class FusionOutput:
-    """What every fusion module returns.
-
-    Attributes:
-        per_modality: ``{modality: EncoderOutput}`` after fusion (two-tower: unchanged).
-        fused: A joint representation ``EncoderOutput`` or ``None`` for fusion-free models.
-    """
-
-    per_modality: dict[str, EncoderOutput]
-    fused: EncoderOutput | None = None
-
-
-@dataclass
 class Outputs:
     """What a method's ``forward`` hands to its objectives.
 
@@ -184,7 +171,14 @@ class Outputs:
         tokens: ``{modality: Tensor[B, T, D]}`` per-modality token features of the encoder (or
             of the fusion module where it rewrites them).
         padding: ``{modality: BoolTensor[B, T]}`` token padding masks (absent = no padding).
-        fused: Joint representation ``Tensor[B, D]`` from a fusion module, or ``None``.
+        pooled: ``{modality: Tensor[B, D_m]}`` each encoder's pooled vector before its head
+            (what a fusion module re-reads when an objective fuses a subset of modalities).
+        fused: Joint representation ``Tensor[B, D_f]``: the fusion module's pooled output over
+            every observed modality of each row, or ``None`` without fusion (``fusion: none``).
+        fused_tokens: ``Tensor[B, T_f, D_f]`` fused tokens, or ``None``.
+        fused_padding: ``BoolTensor[B, T_f]`` their padding, or ``None`` when nothing is padded.
+        fused_embedding: ``Tensor[B, E]`` the fused vector through the fusion head,
+            L2-normalised (in the shared space), or ``None``.
         extras: Objective-specific tensors (matching logits, reconstructions, decoder logits),
             keyed ``"<objective label>/<name>"`` by ``Method.forward``.
     """
@@ -193,7 +187,11 @@ class Outputs:
     projections: dict[str, Tensor] = field(default_factory=dict)
     tokens: dict[str, Tensor] = field(default_factory=dict)
     padding: dict[str, Tensor] = field(default_factory=dict)
+    pooled: dict[str, Tensor] = field(default_factory=dict)
     fused: Tensor | None = None
+    fused_tokens: Tensor | None = None
+    fused_padding: Tensor | None = None
+    fused_embedding: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     def zero(self, *tensors: Tensor) -> Tensor:

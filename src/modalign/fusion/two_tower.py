@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from modalign.core.modules import Fusion
 from modalign.core.registry import register
-from modalign.core.types import EncoderOutput, FusionOutput
+from modalign.core.types import EncoderOutput
 
 
 @register("fusion", "none")
 class NoFusion(Fusion):
-    """Identity fusion: returns the per-modality outputs unchanged and no joint representation."""
+    """No joint representation (``dim = 0``): the model is two (or more) separate towers."""
 
-    def forward(self, inputs: dict[str, EncoderOutput]) -> FusionOutput:
-        """Return ``FusionOutput(per_modality=inputs (sorted keys), fused=None)``."""
-        return FusionOutput(per_modality={k: inputs[k] for k in sorted(inputs)}, fused=None)
+    dim = 0
+
+    def forward(self, inputs: dict[str, EncoderOutput], present: dict[str, Tensor]) -> EncoderOutput | None:
+        """Return ``None``: there is nothing fused."""
+        return None

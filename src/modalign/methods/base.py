@@ -53,32 +53,52 @@ def expand_output(out: EncoderOutput, index: Tensor | None, size: int) -> Encode
 
 
 class MultimodalModel(nn.Module):
-    """Encoders -> fusion -> projection heads -> normalised embeddings.
+    """Encoders -> projection heads -> normalised embeddings, and encoders -> fusion -> fusion head.
 
     Each encoder (and head) runs only on the rows where its modality was observed, so absent
     rows never reach BatchNorm statistics; a modality absent from the whole batch is skipped.
+    Each modality's embedding is computed from its own encoder alone (a sample's partner is
+    never visible to it); a fusion module with ``dim > 0`` additionally joins the observed
+    modalities of each row into ``Outputs.fused`` (and ``fused_embedding`` through
+    ``fusion_head``).
 
     Args:
         encoders: ``{modality: Encoder}``.
-        heads: ``{modality: nn.Module}`` mapping pooled ``[B, D]`` to ``[B, E]``.
+        heads: ``{modality: nn.Module}`` mapping pooled ``[B, D_m]`` to ``[B, E]``.
         fusion: A ``Fusion`` module (``NoFusion`` for two towers).
+        fusion_head: Maps the fused ``[B, D_f]`` to ``[B, E]``; required when ``fusion.dim > 0``.
 
     Raises:
-        ValueError: If encoders and heads name different modalities.
+        ValueError: If encoders and heads name different modalities, or a fusion module with
+            a joint representation comes without a fusion head.
     """
 
-    def __init__(self, encoders: dict[str, Encoder], heads: dict[str, nn.Module], fusion: Fusion) -> None:
+    def __init__(
+        self,
+        encoders: dict[str, Encoder],
+        heads: dict[str, nn.Module],
+        fusion: Fusion,
+        fusion_head: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         if sorted(encoders) != sorted(heads):
             raise ValueError(f"encoders {sorted(encoders)} and heads {sorted(heads)} differ")
+        if fusion.dim > 0 and fusion_head is None:
+            raise ValueError(f"fusion {type(fusion).__name__} (dim {fusion.dim}) needs a fusion_head")
         self.encoders = nn.ModuleDict({k: encoders[k] for k in sorted(encoders)})
         self.heads = nn.ModuleDict({k: heads[k] for k in sorted(heads)})
         self.fusion = fusion
+        self.fusion_head = fusion_head if fusion.dim > 0 else None
 
     @property
     def modalities(self) -> tuple[str, ...]:
         """Modalities the model has an encoder for (sorted)."""
         return tuple(self.encoders.keys())
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the model has a joint (fused) representation."""
+        return self.fusion.dim > 0
 
     def encode(self, batch: Batch) -> tuple[dict[str, EncoderOutput], dict[str, Tensor | None]]:
         """Run each encoder on its observed rows.
@@ -100,21 +120,41 @@ class MultimodalModel(nn.Module):
             rows[m] = index
         return outputs, rows
 
+    def fuse(
+        self, encoded: dict[str, EncoderOutput], present: dict[str, Tensor]
+    ) -> tuple[EncoderOutput | None, Tensor | None]:
+        """The fusion module over ``encoded`` and its embedding: ``(fused, Tensor[B, E] normalised)``.
+
+        Objectives call it on a subset of modalities (or with rows' ``present`` switched off) to
+        fuse what a row would give without them. ``(None, None)`` for a model without fusion.
+        """
+        if not self.fuses or not encoded:
+            return None, None
+        fused = self.fusion({m: encoded[m] for m in sorted(encoded)}, {m: present[m] for m in sorted(encoded)})
+        if fused is None:
+            return None, None
+        assert self.fusion_head is not None  # __init__ guarantees it when fusion.dim > 0
+        return fused, F.normalize(self.fusion_head(fused.pooled), dim=-1)
+
     def forward(self, batch: Batch) -> Outputs:
-        """Encode, fuse and project; embeddings are L2-normalised ``[B, E]`` (zeros where absent)."""
+        """Encode and project each modality alone (embeddings L2-normalised, zeros where absent); fuse."""
         encoded, rows = self.encode(batch)
-        fused = self.fusion(encoded)
         projections: dict[str, Tensor] = {}
-        for m, out in fused.per_modality.items():
+        for m, out in encoded.items():
             index = rows.get(m)
             pooled = out.pooled if index is None else out.pooled[index]
             projections[m] = scatter_rows(self.heads[m](pooled), index, batch.size)
+        fused, fused_embedding = self.fuse(encoded, {m: batch.rows(m) for m in encoded})
         return Outputs(
             embeddings={m: F.normalize(p, dim=-1) for m, p in projections.items()},
             projections=projections,
-            tokens={m: out.tokens for m, out in fused.per_modality.items()},
-            padding={m: out.padding for m, out in fused.per_modality.items() if out.padding is not None},
-            fused=fused.fused.pooled if fused.fused is not None else None,
+            tokens={m: out.tokens for m, out in encoded.items()},
+            padding={m: out.padding for m, out in encoded.items() if out.padding is not None},
+            pooled={m: out.pooled for m, out in encoded.items()},
+            fused=None if fused is None else fused.pooled,
+            fused_tokens=None if fused is None else fused.tokens,
+            fused_padding=None if fused is None else fused.padding,
+            fused_embedding=fused_embedding,
         )
 
 
@@ -199,6 +239,16 @@ class Method(nn.Module):
         """``{modality: Tensor[B, E]}`` normalised embeddings of the modalities in ``batch``."""
         embeddings: dict[str, Tensor] = self.model(batch).embeddings
         return embeddings
+
+    @torch.no_grad()
+    def embed_fused(self, batch: Batch) -> Tensor | None:
+        """The fused representation ``Tensor[B, D_f]`` (L2-normalised) of each row's observed modalities.
+
+        ``None`` for a model without fusion. Evaluation probes it (linear probe, kNN) with every
+        modality, with each one removed and with noise on each (``modalign.eval.robustness``).
+        """
+        fused = self.model(batch).fused
+        return None if fused is None else F.normalize(fused, dim=-1)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay (temperature, bias)."""

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from modalign.core.config import check_component
 from modalign.core.errors import ConfigError
-from modalign.core.modules import Encoder
+from modalign.core.modules import Encoder, Fusion
 from modalign.core.registry import create, lookup
 from modalign.core.types import ModalitySpec
 from modalign.data.base import MultimodalDataset
@@ -26,6 +26,7 @@ from modalign.methods.base import Method, MultimodalModel
 from modalign.train.recipe import (
     DATASET_PROVIDED,
     ENCODER_PROVIDED,
+    FUSION_PROVIDED,
     HEAD_PROVIDED,
     Recipe,
     expand_method,
@@ -106,13 +107,26 @@ def build_model(recipe: Recipe, specs: dict[str, ModalitySpec]) -> MultimodalMod
         encoders[modality] = build_encoder(modality, specs[modality], recipe.model.encoders[modality])
         if modality in recipe.model.frozen:
             encoders[modality].freeze()
-    head_name, head_kwargs = check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
-    heads: dict[str, nn.Module] = {
-        m: create("head", head_name, in_dim=enc.dim, out_dim=recipe.model.embed_dim, **head_kwargs)
-        for m, enc in encoders.items()
-    }
-    fusion_name, fusion_kwargs = check_component("fusion", recipe.model.fusion, "model.fusion")
-    return MultimodalModel(encoders, heads, create("fusion", fusion_name, **fusion_kwargs))
+    heads = {m: build_head(recipe, m, enc.dim) for m, enc in encoders.items()}
+    fusion_name, fusion_kwargs = check_component("fusion", recipe.model.fusion, "model.fusion", FUSION_PROVIDED)
+    fusion: Fusion = create("fusion", fusion_name, widths={m: enc.dim for m, enc in encoders.items()}, **fusion_kwargs)
+    fusion_head = build_head(recipe, "fused", fusion.dim) if fusion.dim > 0 else None
+    return MultimodalModel(encoders, heads, fusion, fusion_head)
+
+
+def build_head(recipe: Recipe, key: str, in_dim: int) -> nn.Module:
+    """The projection head of ``key`` (a modality, or ``fused``): ``model.heads[key]`` else ``model.head``."""
+    entry, path = (
+        (recipe.model.heads[key], f"model.heads.{key}")
+        if key in recipe.model.heads
+        else (
+            recipe.model.head,
+            "model.head",
+        )
+    )
+    name, kwargs = check_component("head", entry, path, HEAD_PROVIDED)
+    head: nn.Module = create("head", name, in_dim=in_dim, out_dim=recipe.model.embed_dim, **kwargs)
+    return head
 
 
 def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:

@@ -29,6 +29,7 @@ from modalign.methods.presets import ENTRY_KEYS, entry_labels
 DATASET_PROVIDED = frozenset({"split", "seed", "augment", "artifacts"})
 ENCODER_PROVIDED = frozenset({"in_channels", "vocab_size", "image_size", "length"})
 HEAD_PROVIDED = frozenset({"in_dim", "out_dim"})
+FUSION_PROVIDED = frozenset({"widths"})
 METHOD_PROVIDED: frozenset[str] = frozenset()
 
 
@@ -46,8 +47,14 @@ class ModelConfig(_Section):
     head: dict[str, Any] = Field(
         default_factory=lambda: {"name": "linear"}, description="Projection head for every modality."
     )
+    heads: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-modality projection heads overriding `head` ({modality: {name: ..., **args}}); "
+        "the key `fused` sets the fusion module's head.",
+    )
     fusion: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "none"}, description="Fusion module; `none` = two towers."
+        default_factory=lambda: {"name": "none"},
+        description="Fusion module joining the modalities' tokens into Outputs.fused; `none` = two towers.",
     )
     frozen: list[str] = Field(default_factory=list, description="Modalities whose encoder is frozen.")
 
@@ -205,8 +212,14 @@ def validate_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
         raise _pydantic_error(e) from None
     check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
     expand_method(recipe.method)
-    check_component("fusion", recipe.model.fusion, "model.fusion")
+    check_component("fusion", recipe.model.fusion, "model.fusion", FUSION_PROVIDED)
     check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
+    for key, entry in recipe.model.heads.items():
+        if key != "fused" and key not in recipe.model.encoders:
+            raise ConfigError(
+                f"model.heads.{key}", "no encoder of that name", sorted([*recipe.model.encoders, "fused"])
+            )
+        check_component("head", entry, f"model.heads.{key}", HEAD_PROVIDED)
     for modality, spec in recipe.model.encoders.items():
         check_component("encoder", spec, f"model.encoders.{modality}", ENCODER_PROVIDED)
     unknown = sorted(set(recipe.model.frozen) - set(recipe.model.encoders))
