@@ -27,6 +27,11 @@ FUSIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "concat": ({"dim": 16}, ("a", "b", "c")),
     "gated": ({"dim": 16}, ("a", "b", "c")),
     "tensor": ({"dim": 16, "rank": 3}, ("a", "b", "c")),
+    "early": ({"dim": 16, "depth": 2, "heads": 2, "max_tokens": 8}, ("a", "b", "c")),
+    "shared": ({"dim": 16, "depth": 2, "heads": 2, "max_tokens": 8}, ("a", "b", "c")),
+    "coattention": ({"dim": 16, "depth": 2, "heads": 2}, ("a", "b")),
+    "cross_attention": ({"dim": 16, "depth": 2, "heads": 2}, ("a", "b", "c")),
+    "bottleneck": ({"dim": 16, "depth": 2, "heads": 2, "n_bottleneck": 3}, ("a", "b", "c")),
 }
 
 

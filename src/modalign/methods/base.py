@@ -83,6 +83,8 @@ class MultimodalModel(nn.Module):
         super().__init__()
         if sorted(encoders) != sorted(heads):
             raise ValueError(f"encoders {sorted(encoders)} and heads {sorted(heads)} differ")
+        if "fused" in encoders:
+            raise ValueError("'fused' names the joint representation; rename that modality")
         if fusion.dim > 0 and fusion_head is None:
             raise ValueError(f"fusion {type(fusion).__name__} (dim {fusion.dim}) needs a fusion_head")
         self.encoders = nn.ModuleDict({k: encoders[k] for k in sorted(encoders)})
@@ -235,20 +237,18 @@ class Method(nn.Module):
             objective.after_step(self.model, ctx)
 
     @torch.no_grad()
-    def embed(self, batch: Batch) -> dict[str, Tensor]:
-        """``{modality: Tensor[B, E]}`` normalised embeddings of the modalities in ``batch``."""
-        embeddings: dict[str, Tensor] = self.model(batch).embeddings
-        return embeddings
+    def embed(self, batch: Batch, fused: bool = False) -> dict[str, Tensor]:
+        """``{modality: Tensor[B, E]}`` normalised embeddings of the modalities in ``batch``.
 
-    @torch.no_grad()
-    def embed_fused(self, batch: Batch) -> Tensor | None:
-        """The fused representation ``Tensor[B, D_f]`` (L2-normalised) of each row's observed modalities.
-
-        ``None`` for a model without fusion. Evaluation probes it (linear probe, kNN) with every
-        modality, with each one removed and with noise on each (``modalign.eval.robustness``).
+        With ``fused`` and a fusing model, also ``fused``: the joint representation
+        ``Tensor[B, D_f]`` (L2-normalised) of each row's observed modalities, which evaluation
+        probes separately (``modalign.eval.robustness``).
         """
-        fused = self.model(batch).fused
-        return None if fused is None else F.normalize(fused, dim=-1)
+        out = self.model(batch)
+        embeddings: dict[str, Tensor] = dict(out.embeddings)
+        if fused and out.fused is not None:
+            embeddings["fused"] = F.normalize(out.fused, dim=-1)
+        return embeddings
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay (temperature, bias)."""

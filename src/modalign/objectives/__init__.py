@@ -1,7 +1,8 @@
 """Losses: each a plain function on tensors plus a thin registered ``Objective`` module.
 
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
-``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, and the families
+``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
+fusion module), and the families
 added by the modules imported below.
 """
 
@@ -10,6 +11,7 @@ from modalign.objectives.clustering import XDC, MCNCluster, SeLaVi, swapped_pred
 from modalign.objectives.contrastive import InfoNCE, infonce_loss
 from modalign.objectives.data2vec import Data2Vec, data2vec_targets, ema_update
 from modalign.objectives.decoupled import DCL, dcl_loss
+from modalign.objectives.fused import GMC, nt_xent_loss
 from modalign.objectives.masked import MultiMAE, masked_regression_loss, masked_token_loss, random_mask
 from modalign.objectives.masked_conditional import MaskedConditional
 from modalign.objectives.matching import AudioVisualCorrespondence, ImageTextMatching, avc_loss, itm_loss
@@ -20,6 +22,7 @@ from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
 
 __all__ = [
     "DCL",
+    "GMC",
     "XDC",
     "AudioVisualCorrespondence",
     "BarlowTwins",
@@ -47,6 +50,7 @@ __all__ = [
     "masked_regression_loss",
     "masked_token_loss",
     "multiview_pairs",
+    "nt_xent_loss",
     "queue_infonce_loss",
     "random_mask",
     "sigmoid_loss",

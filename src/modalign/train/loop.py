@@ -54,6 +54,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from modalign.core.errors import CheckpointError, ConfigError, TrainingError
 from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
+from modalign.data.perturb import drop_modalities
 from modalign.distributed import rank, world_size
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
@@ -339,7 +340,7 @@ class Trainer:
         watch = NonfiniteWatch(self.device)
         self.progress.start_epoch(epoch, self.steps_per_epoch)
         for batch in self._loader(seed):
-            batch = batch.to(self.device)
+            batch = drop_modalities(batch, self.cfg.modality_dropout).to(self.device)
             out = self._step(batch, epoch)
             if out is None:
                 continue

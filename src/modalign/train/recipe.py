@@ -82,6 +82,13 @@ class TrainConfig(_Section):
     save_every: int = Field(1, gt=0, description="Epochs between checkpoints (the last epoch is always saved).")
     keep_checkpoints: int = Field(2, gt=0, description="How many epoch checkpoints to keep.")
     threads: int | None = Field(None, description="torch intra-op threads; null = torch default.")
+    modality_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Probability of removing each observed modality of each training row (never all of a "
+        "row's); trains fusion modules to tolerate missing modalities.",
+    )
     skip_nonfinite: int = Field(
         0,
         ge=0,
@@ -111,6 +118,14 @@ class EvalConfig(_Section):
     projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of test embeddings.")
     report: bool = Field(True, description="Write RUN_DIR/report.html (see `modalign report`) after evaluation.")
     batch_size: int = Field(512, gt=0, description="Batch size for embedding the data.")
+    robustness: bool = Field(
+        False,
+        description="Also report every metric with each modality removed (missing:<m>/...) and with noise on "
+        "each (noise:<m>/...); see docs/fusion.md.",
+    )
+    noise: float = Field(
+        1.0, ge=0, description="Noise level of the robustness metrics: Gaussian noise of `noise` standard deviations."
+    )
 
 
 class Recipe(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,13 @@ from modalign.data.transforms.text import TextTokenizer
 from modalign.eval import (
     EmbeddingSet,
     embed_loader,
-    evaluate_embeddings,
     own_cluster_metrics,
     plot_loss_curve,
     plot_projection,
     plot_similarity_matrix,
     write_eval_json,
 )
+from modalign.eval.robustness import WithFused, evaluate_with_fused, robustness_metrics, split_fused
 from modalign.eval.shards import save_embeddings
 from modalign.methods.base import Method
 from modalign.objectives.captioning import (
@@ -192,31 +193,58 @@ def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Metho
     return recipe, method
 
 
-def embed_split(recipe: Recipe, method: Method, dataset: MultimodalDataset, device: torch.device) -> EmbeddingSet:
-    """Embed every sample of ``dataset`` (no augmentation) with ``method``."""
+def embed_split(
+    recipe: Recipe,
+    method: Method,
+    dataset: MultimodalDataset,
+    device: torch.device,
+    fused: bool = False,
+    transform: Callable[[Batch], Batch] | None = None,
+) -> EmbeddingSet:
+    """Embed every sample of ``dataset`` (no augmentation) with ``method``.
+
+    Args:
+        recipe: The run's recipe (``eval.batch_size``, ``train.num_workers``).
+        method: The trained method.
+        dataset: The split to embed.
+        device: Device to embed on.
+        fused: Also embed the fused representation as modality ``fused`` (``WithFused``).
+        transform: Applied to each batch before embedding (robustness perturbations).
+    """
     loader = make_loader(dataset, recipe.eval.batch_size, shuffle=False, num_workers=recipe.train.num_workers)
-    return embed_loader(method.to(device), loader, device=device)
+    batches = loader if transform is None else (transform(b) for b in loader)
+    embedder = WithFused(method.to(device)) if fused else method.to(device)
+    return embed_loader(embedder, batches, device=device)
 
 
 def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch.device) -> dict[str, float]:
-    """Embed train and test splits, compute the flat metrics, write ``eval.json`` and plots."""
+    """Embed train and test splits, compute the flat metrics, write ``eval.json`` and plots.
+
+    A fusing model's joint representation is evaluated as ``fused/...``; with
+    ``eval.robustness`` every metric is also reported with each modality removed and with
+    noise on each (``modalign.eval.robustness``).
+    """
     artifacts = load_artifacts(run_dir)
     test_ds = build_dataset(recipe, "test", artifacts=artifacts, augment=False)
-    test = embed_split(recipe, method, test_ds, device)
-    train = None
+    test_all = embed_split(recipe, method, test_ds, device, fused=True)
+    train_all = None
     if recipe.eval.probe and recipe.eval.label is not None:
         train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
-        train = embed_split(recipe, method, train_ds, device)
-    metrics = evaluate_embeddings(
-        train,
-        test,
-        recipe.eval.label,
-        chunk_size=recipe.eval.chunk_size,
-        knn_k=recipe.eval.knn_k,
-        probe=recipe.eval.probe,
-    )
+        train_all = embed_split(recipe, method, train_ds, device, fused=True)
+    options: dict[str, Any] = {"chunk_size": recipe.eval.chunk_size, "knn_k": recipe.eval.knn_k}
+    options["probe"] = recipe.eval.probe
+    metrics = evaluate_with_fused(train_all, test_all, recipe.eval.label, **options)
+    test, _ = split_fused(test_all)
     if recipe.eval.label is not None:
         metrics |= own_cluster_metrics(dict(method.objectives.items()), test, recipe.eval.label, device)
+    if recipe.eval.robustness:
+
+        def embed_perturbed(transform: Callable[[Batch], Batch]) -> EmbeddingSet:
+            return embed_split(recipe, method, test_ds, device, fused=True, transform=transform)
+
+        metrics |= robustness_metrics(
+            embed_perturbed, train_all, test.modalities, recipe.eval.label, recipe.eval.noise, **options
+        )
     write_eval_json(metrics, run_dir / EVAL_FILE)
     if recipe.eval.plots:
         write_plots(recipe, test, run_dir)
