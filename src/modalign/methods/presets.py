@@ -229,3 +229,29 @@ def entry_labels(entries: list[dict[str, Any]]) -> list[str]:
         if "." in label or labels.index(label) != i:
             raise ConfigError(f"objectives.{i}.label", f"label {label!r} is repeated or contains '.'")
     return labels
+
+
+@register("method", "gmc")
+def gmc(
+    modalities: list[str] | None = None,
+    temperature: float = 0.1,
+    fusion_temperature: float = 0.1,
+    fusion_weight: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Two towers plus a fusion module trained without labels (Poklukar et al. 2022, GMC).
+
+    InfoNCE aligns the towers' embeddings (retrieval); ``gmc`` trains the fusion module so the
+    joint representation of a sample agrees with each of its modalities fused alone (what keeps
+    it usable when one is missing). Needs ``model.fusion``.
+
+    Args:
+        modalities: The two modalities (default: the model's two).
+        temperature: Initial InfoNCE temperature of the towers.
+        fusion_temperature: NT-Xent temperature of the fusion objective.
+        fusion_weight: Weight of the fusion objective.
+    """
+    args = _drop_none(modalities=modalities)
+    return [
+        {"name": "infonce", "temperature": temperature, **args},
+        {"name": "gmc", "temperature": fusion_temperature, "weight": fusion_weight, **args},
+    ]
