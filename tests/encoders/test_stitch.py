@@ -16,7 +16,7 @@ pytest.importorskip("librosa")
 from modalign.data.collate import collate
 from modalign.data.datasets.av_digits import AVDigits
 from modalign.data.datasets.emoji import EmojiDataset
-from modalign.data.raw import InputView
+from modalign.data.raw import InputView, ModalityInput
 from modalign.encoders.feature_cache import cached_input, encoder_input
 from modalign.encoders.pretrained import PretrainedEncoder
 from modalign.encoders.stitch import (
@@ -199,3 +199,24 @@ def test_tiny_stitch_training_beats_chance(tmp_path: Path, emoji: EmojiDataset, 
         a, t = (torch.nn.functional.normalize(h(f), dim=-1) for h, f in zip(heads, (fi, ft), strict=True))
         r1 = (a @ t.T).argmax(1).eq(torch.arange(n)).float().mean().item()
     assert r1 > 0.5  # chance is 1/32
+
+
+def test_input_view_skips_the_transforms_it_replaces(emoji: EmojiDataset, digits: AVDigits) -> None:
+    def marker(content: int) -> torch.Tensor:
+        return torch.full((3,), float(content))
+
+    for ds, replaced, kept in ((emoji, "image", "text"), (digits, "image", "audio")):
+        spec = ds.modalities[replaced]
+        view = InputView(ds, {replaced: ModalityInput(spec, marker)})
+        calls: list[int] = []
+        original = ds.image_tf if replaced == "image" else ds.audio_tf
+        setattr(ds, f"{replaced}_tf", lambda *a, _o=original, _c=calls, **k: _c.append(1) or _o(*a, **k))
+        try:
+            for i in range(3):
+                got, want = view[i], ds[i]
+                torch.testing.assert_close(got.values[kept], want.values[kept])
+                torch.testing.assert_close(got.values[replaced], marker(ds.raw_index(i, replaced)))
+                assert got.labels == want.labels and got.id == want.id
+        finally:
+            setattr(ds, f"{replaced}_tf", original)
+        assert len(calls) == 3, f"{replaced} transform ran for the view (only ds[i] should run it)"

@@ -54,6 +54,17 @@ class MultimodalDataset(Dataset[Sample], ABC):
     def __getitem__(self, index: int) -> Sample:
         """Return the transformed sample at ``index``."""
 
+    def item(self, index: int, skip: frozenset[str] = frozenset()) -> Sample:
+        """The sample at ``index`` without computing the values of the modalities in ``skip``.
+
+        ``InputView`` calls it for the modalities whose values it replaces (cached features of a
+        frozen tower), so their transforms are not run for nothing. A skipped modality that the
+        sample has is kept as ``values[m] = None`` (presence is preserved); the caller must
+        replace it. Default: ``self[index]`` (computes everything); datasets whose transforms
+        cost something override it.
+        """
+        return self[index]
+
     def set_epoch(self, epoch: int) -> None:
         """Re-seed per-epoch randomness (re-pairing, augmentation). Default: nothing."""
 

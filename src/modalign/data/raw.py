@@ -100,7 +100,7 @@ class InputView(MultimodalDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample:
-        sample = self.dataset[index]
+        sample = self.dataset.item(index, frozenset(self.inputs))
         values = dict(sample.values)
         for m, inp in self.inputs.items():
             if m in values:

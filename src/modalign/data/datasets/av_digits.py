@@ -274,11 +274,18 @@ class AVDigits(MultimodalDataset):
         return int(self._pair[index]) if modality == "audio" else index
 
     def __getitem__(self, index: int) -> Sample:
+        return self.item(index)
+
+    def item(self, index: int, skip: frozenset[str] = frozenset()) -> Sample:
+        """The sample at ``index``; the transforms of skipped modalities are not run."""
         rec = int(self._pair[index])
-        audio = self._features[rec] if self._features is not None else self.audio_tf(self._wave(rec))
+        audio = None
+        if "audio" not in skip:
+            audio = self._features[rec] if self._features is not None else self.audio_tf(self._wave(rec))
+        image = None if "image" in skip else self.image_tf(self._images[index])
         return Sample(
             id=int(index),
-            values={"image": self.image_tf(self._images[index]), "audio": audio},
+            values={"image": image, "audio": audio},
             labels={"digit": int(self._digits[index]), "speaker": int(self._rec_speakers[rec])},
             modality_ids={"audio": rec},
         )

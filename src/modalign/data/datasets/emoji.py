@@ -332,6 +332,11 @@ class EmojiDataset(MultimodalDataset):
         return {**sample_previews(self, index), "text": Preview("text", self.text(index))}
 
     def __getitem__(self, index: int) -> Sample:
+        return self.item(index)
+
+    def item(self, index: int, skip: frozenset[str] = frozenset()) -> Sample:
+        """The sample at ``index``; the image transform is not run when ``image`` is skipped."""
         e = self.entries[index]
-        values: dict[str, Tensor] = {"image": self.image_tf(self._images[index]), "text": self._tokens[index]}
+        image = None if "image" in skip else self.image_tf(self._images[index])
+        values: dict[str, Tensor | None] = {"image": image, "text": self._tokens[index]}
         return Sample(id=e.uid, values=values, labels={"category": e.category, "group_id": e.group})
