@@ -211,9 +211,9 @@ def test_codes_ignore_a_constant_shift_and_follow_row_permutations(seed: int, n:
     torch.testing.assert_close(balanced_assignments(s + shift), q, atol=1e-12, rtol=1e-9)
     col_shift = 3.0 * scores(1, k, seed + 1)  # a per-prototype constant cancels in the first normalisation
     torch.testing.assert_close(balanced_assignments(s + col_shift), q, atol=1e-12, rtol=1e-9)
-    row_shift = 3.0 * scores(n, 1, seed + 2)  # a per-sample one does not: it weights the prototype sums
-    if n > 1 and k > 1:
-        assert not torch.allclose(balanced_assignments(s + row_shift), q, atol=1e-6)
+    # (A per-sample constant cancels only once the iterations converge: with SwAV's 3 iterations
+    # it usually changes the codes, but not always, e.g. seed 7, n = k = 2, which hypothesis
+    # found; so the property makes no claim about it.)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(balanced_assignments(s[perm]), q[perm], atol=1e-12, rtol=1e-9)
 
