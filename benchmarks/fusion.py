@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import platform
 import resource
@@ -74,26 +75,39 @@ def overrides(name: str) -> list[str]:
     return [f"model.fusion={{{entry}}}", *controls]
 
 
+def _fusion_params(run_dir: Path) -> tuple[int, int]:
+    """``(fusion module + fusion head, whole method)`` parameter counts, read from the last checkpoint."""
+    from safetensors import safe_open
+
+    from modalign.train.checkpoint import WEIGHTS, latest_checkpoint
+
+    folder = latest_checkpoint(run_dir / "checkpoints")
+    if folder is None:
+        raise SystemExit(f"{run_dir} has no checkpoint to count parameters from")
+    fusion = total = 0
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            count = math.prod(f.get_slice(key).get_shape())
+            total += count
+            if key.startswith(("model.fusion.", "model.fusion_head.")):
+                fusion += count
+    return fusion, total
+
+
 def _child(recipe: str, name: str, run_dir: Path) -> dict[str, Any]:
     """Train one row in this process; the figures of the run."""
-    from modalign.train.build import build_dataset, build_method
     from modalign.train.recipe import load_recipe
     from modalign.train.run import train_run
 
-    loaded = load_recipe(recipe, overrides(name))
     start = time.perf_counter()
-    metrics = train_run(loaded, run_dir, resume=False)
+    metrics = train_run(load_recipe(recipe, overrides(name)), run_dir, resume=False)
     seconds = time.perf_counter() - start
-    method = build_method(loaded, build_dataset(loaded, "train").modalities)
-    model = method.model
-    fusion_params = sum(p.numel() for p in model.fusion.parameters())
-    head = model.fusion_head
-    fusion_params += sum(p.numel() for p in head.parameters()) if head is not None else 0
+    fusion_params, total_params = _fusion_params(run_dir)
     return {
         "metrics": metrics,
         "seconds": seconds,
         "fusion_params": fusion_params,
-        "total_params": sum(p.numel() for p in method.parameters()),
+        "total_params": total_params,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_avg_5min": os.getloadavg()[1],
     }

@@ -231,8 +231,11 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
     if recipe.eval.probe and recipe.eval.label is not None:
         train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
         train_all = embed_split(recipe, method, train_ds, device, fused=True)
-    options: dict[str, Any] = {"chunk_size": recipe.eval.chunk_size, "knn_k": recipe.eval.knn_k}
-    options["probe"] = recipe.eval.probe
+    options: dict[str, Any] = {
+        "chunk_size": recipe.eval.chunk_size,
+        "knn_k": recipe.eval.knn_k,
+        "probe": recipe.eval.probe,
+    }
     metrics = evaluate_with_fused(train_all, test_all, recipe.eval.label, **options)
     test, _ = split_fused(test_all)
     if recipe.eval.label is not None:
