@@ -255,6 +255,36 @@ def test_emoji_samples(emoji_train: EmojiDataset, emoji_test: EmojiDataset) -> N
     assert (batch.data["text"][batch.padding["text"]] == 0).all()
 
 
+def test_emoji_text_views(data_root: Path, emoji_train: EmojiDataset) -> None:
+    """Keyword rewritings: fixed across runs, name first, a non-empty subset of the keywords."""
+    train = EmojiDataset(root=data_root, split="train", image_size=8, text_views=4, seed=7)
+    again = EmojiDataset(root=data_root, split="train", image_size=8, text_views=4, seed=8)
+    assert train.raw_view_count("text") == 4 and train.raw_view_count("image") == 1
+    differ = 0
+    for c in range(0, len(train), 97):
+        e = train.entries[c]
+        views = [train.raw_view(c, "text", v) for v in range(4)]
+        assert views == [again.raw_view(c, "text", v) for v in range(4)]  # independent of the run seed
+        assert views[0] == e.text == train.raw_value(c, "text")
+        for text in views[1:]:
+            assert text.startswith(f"{e.label}.")
+            kept = [t for t in text[len(e.label) + 2 :].split(", ") if t]
+            assert (not e.tags and not kept) or (kept and set(kept) <= set(e.tags) and len(set(kept)) == len(kept))
+        differ += len(set(views)) > 1
+    assert differ > 0
+    with pytest.raises(IndexError, match="view 1"):
+        train.raw_view(0, "image", 1)
+    # the dataset's own tokenizer path draws among the views; without augmentation only the text
+    torch.manual_seed(0)
+    rich = next(c for c in range(len(train)) if len({train.raw_view(c, "text", v) for v in range(4)}) == 4)
+    drawn = {tuple(train[rich].values["text"].tolist()) for _ in range(40)}
+    assert drawn == {tuple(train.tokenizer.encode(train.raw_view(rich, "text", v), 32).tolist()) for v in range(4)}
+    test = EmojiDataset(root=data_root, split="test", artifacts=train.artifacts(), image_size=8, text_views=4)
+    assert test.raw_view_count("text") == 1 and test[0].values["text"].tolist() == test[0].values["text"].tolist()
+    with pytest.raises(DataError, match="text_views"):
+        EmojiDataset(root=data_root, split="train", image_size=8, text_views=0)
+
+
 # ------------------------------------------------------------------------------ basicmotions
 
 

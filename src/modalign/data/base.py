@@ -100,6 +100,26 @@ class MultimodalDataset(Dataset[Sample], ABC):
         """
         raise NotImplementedError(self._no_raw(modality))
 
+    def raw_view_count(self, modality: str) -> int:
+        """Views of each raw content of ``modality`` (default ``1``: the raw value only).
+
+        A dataset that augments its raw inputs offers a fixed number ``V`` of deterministic
+        views per content (view ``0`` is ``raw_value`` itself), so a feature cache can hold
+        them all; ``InputView`` draws one per sample and epoch. Views are an augmentation:
+        datasets give ``V > 1`` only while augmenting (the training split).
+        """
+        return 1
+
+    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
+        """View ``view`` of content ``content`` (``0``: ``raw_value``; see ``raw_view_count``).
+
+        Raises:
+            IndexError: If ``view`` is not below ``raw_view_count(modality)``.
+        """
+        if view != 0:
+            raise IndexError(f"{type(self).__name__}: {modality!r} has 1 raw view, asked for view {view}")
+        return self.raw_value(content, modality)
+
     def raw_index(self, index: int, modality: str) -> int:
         """The content of sample ``index``'s ``modality`` value (default: ``index``)."""
         return index

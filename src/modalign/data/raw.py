@@ -17,8 +17,11 @@ the recording an image is currently paired with), so a feature cache computes ea
 :class:`InputView` wraps a dataset and replaces the values of the chosen modalities by what a
 :class:`ModalityInput` returns for each sample's content (the encoder's preprocessing of the raw
 value, or cached features); everything else (labels, ids, pairing, artifacts) is the dataset's.
-Raw values are never augmented: a stitched tower sees the same input every epoch, which is what
-makes its features cacheable (see ``docs/architecture.md``, "Stitching").
+Raw values are augmented only through **views**: a dataset may offer ``raw_view_count(m) = V``
+fixed, deterministic views of each content (view ``0`` the raw value itself; emoji's training
+texts: the CLDR name with its keywords re-sampled), and :class:`InputView` draws one of them
+per sample and epoch from the torch RNG. A stitched tower thus sees one of ``V`` known inputs,
+which is what keeps its features cacheable (see ``docs/architecture.md``, "Stitching").
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from modalign.core.types import ModalitySpec, Sample
@@ -55,11 +59,14 @@ class ModalityInput:
 
     Attributes:
         spec: ``ModalitySpec`` of the values it returns (same kind as the dataset's).
-        value: Content index -> the sample's tensor (preprocessed input or cached features).
+        value: ``(content, view) -> `` the sample's tensor (preprocessed input or cached features).
+        views: Views per content (``MultimodalDataset.raw_view_count``); ``InputView`` draws
+            ``view`` uniformly from ``range(views)`` for every sample it returns.
     """
 
     spec: ModalitySpec
-    value: Callable[[int], Tensor]
+    value: Callable[[int, int], Tensor]
+    views: int = 1
 
 
 class InputView(MultimodalDataset):
@@ -104,7 +111,8 @@ class InputView(MultimodalDataset):
         values = dict(sample.values)
         for m, inp in self.inputs.items():
             if m in values:
-                values[m] = inp.value(self.dataset.raw_index(index, m))
+                view = int(torch.randint(inp.views, ())) if inp.views > 1 else 0
+                values[m] = inp.value(self.dataset.raw_index(index, m), view)
         return Sample(sample.id, values, sample.labels, sample.modality_ids)
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,3 +138,11 @@ class InputView(MultimodalDataset):
     def raw_index(self, index: int, modality: str) -> int:
         """Forwarded to the dataset."""
         return self.dataset.raw_index(index, modality)
+
+    def raw_view_count(self, modality: str) -> int:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_view_count(modality)
+
+    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_view(content, modality, view)

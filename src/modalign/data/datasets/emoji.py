@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from modalign.core.errors import DataError
@@ -44,6 +45,8 @@ LABELS_JSON = "emoji_twemoji/emojibase/en/data.json"
 IMAGES = "emoji_twemoji/img64"
 #: Seed of the held-out choice; a constant so every run evaluates on the same emoji.
 SPLIT_SEED = 0
+#: Seed of the text views (``text_views``); a constant so the views (and their cache) are fixed.
+VIEW_SEED = 1
 #: Number of base emoji held out for the test split.
 TEST_BASES = 400
 TOKENIZER_FILE = "tokenizer.json"
@@ -63,6 +66,7 @@ class EmojiEntry:
         label: The CLDR name alone (the start of ``text``).
         hexcode: The emojibase ``hexcode`` of this image (the key of its label in every language).
         base_hexcode: The emojibase ``hexcode`` of its base emoji (whose tags a variant shares).
+        tags: The CLDR keywords (the rest of ``text``).
     """
 
     uid: int
@@ -74,6 +78,7 @@ class EmojiEntry:
     label: str
     hexcode: str
     base_hexcode: str
+    tags: tuple[str, ...] = ()
 
 
 def read_json(path: Path) -> Any:
@@ -144,17 +149,39 @@ def build_catalogue(
             skipped += 1 + len(variants)
             continue
         cat = categories.index(str(base.get("category", "")))
-        text = _text(names[key], tags.get(key, []))
-        entries.append(EmojiEntry(len(entries), base["image"], text, group, cat, False, names[key], key, key))
+        keywords = tuple(tags.get(key, []))
+        text = _text(names[key], list(keywords))
+        entries.append(EmojiEntry(len(entries), base["image"], text, group, cat, False, names[key], key, key, keywords))
         for var in variants:
             vkey = _find(names, var)
             if vkey is None or not (image_dir / str(var.get("image"))).is_file():
                 skipped += 1
                 continue
-            text = _text(names[vkey], tags.get(key, []))
-            entries.append(EmojiEntry(len(entries), var["image"], text, group, cat, True, names[vkey], vkey, key))
+            text = _text(names[vkey], list(keywords))
+            entries.append(
+                EmojiEntry(len(entries), var["image"], text, group, cat, True, names[vkey], vkey, key, keywords)
+            )
         group += 1
     return entries, skipped, categories
+
+
+def keyword_views(entry: EmojiEntry, views: int) -> list[str]:
+    """``views`` texts of ``entry``: its ``text``, then rewritings keeping the CLDR name first.
+
+    View ``v >= 1`` is ``"{label}. {tags}"`` with a random non-empty subset of the keywords in
+    random order (keyword dropout and shuffling, a text augmentation in the spirit of EDA's
+    random deletion and swap, Wei & Zou 2019). The draws are seeded by ``(uid, v)`` alone, so
+    the views are the same in every run and a feature cache can hold them.
+    """
+    out = [entry.text]
+    for v in range(1, views):
+        rng = np.random.default_rng([VIEW_SEED, entry.uid, v])
+        tags = list(entry.tags)
+        if tags:
+            keep = int(rng.integers(1, len(tags) + 1))
+            tags = [tags[i] for i in rng.permutation(len(tags))[:keep]]
+        out.append(_text(entry.label, tags))
+    return out
 
 
 def held_out_groups(n_groups: int) -> set[int]:
@@ -255,6 +282,10 @@ class EmojiDataset(MultimodalDataset):
         train_variants: Include skin-tone variants in the train split.
         test_variants: Include skin-tone variants in the test split (default: bases only, so
             retrieval chance is 10/400 at R@10).
+        text_views: Texts per sample while augmenting (:func:`keyword_views`: the text, then
+            rewritings with re-sampled keywords); each epoch draws one per sample, for the
+            dataset's tokenizer and for pretrained encoders (``raw_view``) alike. ``1``: the
+            text only. Without augmentation (the test split) only the text is used.
 
     Labels (evaluation only): ``category`` and ``group_id`` (base emoji; variants share it).
     """
@@ -273,8 +304,11 @@ class EmojiDataset(MultimodalDataset):
         test_variants: bool = False,
         tokenizer: TokenizerModel = "wordpiece",
         min_frequency: int = 1,
+        text_views: int = 1,
     ) -> None:
         check_split(NAME, split)
+        if text_views < 1:
+            raise DataError(f"{NAME}: text_views must be >= 1, got {text_views}")
         base = dataset_root(NAME, root, [EMOJI_JSON, LABELS_JSON, IMAGES], hint=HINT)
         require_artifacts(NAME, split, artifacts, [TOKENIZER_FILE])
         self.split = split
@@ -286,7 +320,9 @@ class EmojiDataset(MultimodalDataset):
         settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
         texts = [e.text for e in self.entries]
         self.tokenizer = fitted_tokenizer(artifacts or {}, TOKENIZER_FILE, texts, settings)
-        self._tokens = [self.tokenizer.encode(t, max_tokens) for t in texts]
+        self.text_views = text_views if self.augment else 1
+        self._views = [keyword_views(e, self.text_views) for e in self.entries]
+        self._tokens = [[self.tokenizer.encode(t, max_tokens) for t in views] for views in self._views]
         self.image_tf = ImageTransform(image_size, 3, augment=self.augment)
         self._images = prepare_images(base / IMAGES, self.entries, self.image_tf)
         self._image_dir = base / IMAGES
@@ -302,6 +338,16 @@ class EmojiDataset(MultimodalDataset):
         if modality == "image":
             return rgb_pixels(load_image(self._image_dir / self.entries[content].image))
         return super().raw_value(content, modality)
+
+    def raw_view_count(self, modality: str) -> int:
+        """``text``: ``text_views`` while augmenting; ``image``: 1."""
+        return self.text_views if modality == "text" else 1
+
+    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
+        """``text``: view ``view`` of :func:`keyword_views`; ``image``: the PNG (view 0 only)."""
+        if modality == "text":
+            return self._views[content][view]
+        return super().raw_view(content, modality, view)
 
     def artifacts(self) -> dict[str, str]:
         """``{"tokenizer.json": ...}``: the tokenizer the test split must reuse."""
@@ -335,8 +381,10 @@ class EmojiDataset(MultimodalDataset):
         return self.item(index)
 
     def item(self, index: int, skip: frozenset[str] = frozenset()) -> Sample:
-        """The sample at ``index``; the image transform is not run when ``image`` is skipped."""
+        """The sample at ``index``; a skipped modality is ``None`` (its transform or view draw not run)."""
         e = self.entries[index]
         image = None if "image" in skip else self.image_tf(self._images[index])
-        values: dict[str, Tensor | None] = {"image": image, "text": self._tokens[index]}
+        views = self._tokens[index]
+        text = None if "text" in skip else views[int(torch.randint(len(views), ()))] if len(views) > 1 else views[0]
+        values: dict[str, Tensor | None] = {"image": image, "text": text}
         return Sample(id=e.uid, values=values, labels={"category": e.category, "group_id": e.group})
