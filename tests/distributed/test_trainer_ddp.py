@@ -27,18 +27,15 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import modalign.train.loop as loop_module
-from modalign.core import LossOutput, ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset
+from modalign.core import LossOutput
 from modalign.methods import Method
-from modalign.train.build import build_method
 from modalign.train.distributed import wrap_ddp
-from modalign.train.recipe import TrainConfig, validate_recipe
+from modalign.train.recipe import TrainConfig
 from support.ddp import init_gloo, spawn_ranks
+from support.triples import Triples, make_method
 
 WORLD = 2
-N = 128  # training samples
 B = 64  # global batch: 2 steps per epoch, 32 rows per rank
-EMBED = 4
 #: method -> (modalities of the model, extra preset arguments)
 METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "clip": (("x", "y"), {}),
@@ -55,7 +52,6 @@ METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 #: methods with random negatives, run for the communication record only
 RECORD_ONLY: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {"avc": (("x", "y"), {})}
-SPECS = {m: ModalitySpec("vector", channels=c) for m, c in (("x", 6), ("y", 5), ("z", 4))}
 
 pytestmark = [
     pytest.mark.ddp,
@@ -65,41 +61,6 @@ pytestmark = [
         reason="needs torch.distributed with the gloo backend",
     ),
 ]
-
-
-class Triples(MultimodalDataset):
-    """``N`` float64 samples of three linked vector modalities; ids repeat (``id = index % 100``)."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        latent = torch.randn(N, 3, generator=g, dtype=torch.float64)
-        self.values = {
-            m: latent @ torch.randn(3, spec.channels, generator=g, dtype=torch.float64)
-            + 0.3 * torch.randn(N, spec.channels, generator=g, dtype=torch.float64)
-            for m, spec in SPECS.items()
-        }
-
-    @property
-    def modalities(self) -> dict[str, ModalitySpec]:
-        return dict(SPECS)
-
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, index: int) -> Sample:
-        return Sample(id=index % 100, values={m: v[index] for m, v in self.values.items()})
-
-
-def make_method(name: str, modalities: tuple[str, ...], args: dict[str, Any]) -> Method:
-    """The same small float64 method on every process (seeded before building)."""
-    encoders = {m: {"name": "vector_mlp", "dim": 8, "hidden": 8} for m in modalities}
-    recipe = {
-        "data": {"name": "av-digits"},
-        "model": {"embed_dim": EMBED, "encoders": encoders},
-        "method": {"name": name, **args},
-    }
-    torch.manual_seed(0)
-    return build_method(validate_recipe(recipe), {m: SPECS[m] for m in modalities}).double()
 
 
 def config() -> TrainConfig:

@@ -78,6 +78,7 @@ from modalign.train.distributed import (
     wrap_ddp,
 )
 from modalign.train.failures import StepPlace, is_out_of_memory, nonfinite_error, out_of_memory_error
+from modalign.train.grad_cache import all_reduce_gradients, check_cacheable, grad_cache_backward
 from modalign.train.progress import Progress, make_progress
 from modalign.train.recipe import TrainConfig
 from modalign.train.tracking import Tracker
@@ -243,6 +244,8 @@ class Trainer:
             enable_gather(self.method)
             global_batch_norm(self.method)
         self.step_module: torch.nn.Module | None = None
+        if cfg.grad_cache is not None:
+            check_cacheable(self.method)
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -298,7 +301,7 @@ class Trainer:
             CheckpointError: The checkpoint to resume from cannot be read.
         """
         resumed = self.resume() if resume else False
-        if self.world > 1 and self.step_module is None:
+        if self.world > 1 and self.step_module is None and self.cfg.grad_cache is None:
             self.step_module = wrap_ddp(self.method, self.device)
         self.tracker.start(self.state.step if resumed else None)
         resume_step = self.state.step if resumed else None
@@ -438,11 +441,19 @@ class Trainer:
             TrainingError: Out of memory, or a non-finite loss beyond ``train.skip_nonfinite``.
         """
         try:
-            out = self._forward(batch)
+            if self.cfg.grad_cache is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                out = grad_cache_backward(self.method, batch, self.cfg.grad_cache, self._autocast)
+                all_reduce_gradients(self.method)
+            else:
+                out = self._forward(batch)
             if self.cfg.skip_nonfinite > 0 and any_rank(not bool(torch.isfinite(out.loss.detach())), self.device):
                 self._skip_nonfinite(out, batch, epoch)
                 return None
-            self._update(out)
+            if self.cfg.grad_cache is None:
+                self._update(out)
+            else:
+                self._apply_gradients()
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -452,16 +463,24 @@ class Trainer:
             ) from None
         return out
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
     def _forward(self, batch: Batch) -> LossOutput:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        with self._autocast():
             if self.step_module is not None:
                 out: LossOutput = self.step_module(batch)
                 return out
             return self.method.loss(self.method(batch), batch)
 
     def _update(self, out: LossOutput) -> None:
+        """Back-propagate ``out.loss`` into fresh gradients, then ``_apply_gradients``."""
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        self._apply_gradients()
+
+    def _apply_gradients(self) -> None:
+        """Clip the gradients already in ``.grad``, step the optimiser and the schedule."""
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.grad_clip)
         self.optimizer.step()

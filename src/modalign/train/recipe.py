@@ -89,6 +89,13 @@ class TrainConfig(_Section):
         description="Probability of removing each observed modality of each training row (never all of a "
         "row's); trains fusion modules to tolerate missing modalities.",
     )
+    grad_cache: int | None = Field(
+        None,
+        gt=0,
+        description="Gradient caching (GradCache, Gao et al. 2021): rows per forward chunk; the loss sees the "
+        "whole batch while activations are held for one chunk at a time, with the full batch's gradients. "
+        "null = off. Objectives must not run the model themselves (Objective.features).",
+    )
     skip_nonfinite: int = Field(
         0,
         ge=0,
