@@ -140,3 +140,49 @@ def test_conv_bn_relu_requires_odd_kernel() -> None:
     assert conv_bn_relu(2, 4, dims=1, kernel=5)(torch.randn(2, 2, 9)).shape == (2, 4, 9)
     with pytest.raises(ValueError, match="odd kernel"):
         conv_bn_relu(2, 4, kernel=4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(precision: str) -> None:
+    """``checkpoint=True``: same outputs and gradients (dropout masks replayed), blocks run twice."""
+    torch.manual_seed(0)
+    plain = Transformer(16, depth=3, heads=2, dropout=0.2)
+    ckpt = Transformer(16, depth=3, heads=2, dropout=0.2, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6, 16)
+    padding = torch.arange(6)[None] >= torch.tensor([6, 3, 5, 1])[:, None]
+    calls: list[int] = []
+    for block in ckpt.blocks:  # count runs of each block's MLP (hooks do not fire in recomputation)
+        mlp_forward = block.mlp.forward
+        block.mlp.forward = lambda h, _f=mlp_forward: calls.append(1) or _f(h)  # type: ignore[method-assign]
+    results = []
+    for model in (plain, ckpt):
+        model.train()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = model(xi, padding)
+        y[~padding].float().square().sum().backward()
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (y0, g0, p0), (y1, g1, p1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7)
+    for name in p0:
+        torch.testing.assert_close(p1[name], p0[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert len(calls) == 2 * 3  # each block ran forward, then again in the backward pass
+    calls.clear()
+    ckpt.eval()
+    with torch.no_grad():
+        ckpt(x, padding)
+    assert len(calls) == 3  # no recomputation outside training
+
+
+def test_transformer_encoders_take_checkpoint() -> None:
+    from modalign.core import create
+
+    args = {"in_channels": 1, "image_size": 8, "patch": 4, "dim": 16, "depth": 2, "heads": 2}
+    vit = create("encoder", "image_vit", checkpoint=True, **args)
+    assert vit.transformer.checkpoint
+    out = vit(torch.randn(2, 1, 8, 8))
+    out.pooled.sum().backward()
+    assert all(p.grad is not None for p in vit.parameters())

@@ -93,6 +93,8 @@ class AudioTransformer(Encoder):
         heads: Attention heads (must divide ``dim``).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
+        checkpoint: Activation checkpointing: each transformer block is recomputed in the
+            backward pass instead of keeping its activations (``Transformer``).
     """
 
     kind = "audio"
@@ -107,13 +109,14 @@ class AudioTransformer(Encoder):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.dim = self.stem_dim = dim
         self.embed = PatchEmbed1d(in_channels, dim, patch)
         self.positions = SinusoidalPositions(dim)
-        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
         """Encode ``FloatTensor[B, n_mels, T]`` with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.

@@ -99,6 +99,8 @@ class ImageViT(Encoder):
         heads: Attention heads (must divide ``dim``).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
+        checkpoint: Activation checkpointing: each transformer block is recomputed in the
+            backward pass instead of keeping its activations (``Transformer``).
         pool: ``"cls"`` or ``"mean"``, what ``pooled`` is.
     """
 
@@ -116,6 +118,7 @@ class ImageViT(Encoder):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         pool: Literal["cls", "mean"] = "cls",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch != 0:
@@ -132,7 +135,7 @@ class ImageViT(Encoder):
         self.pos = nn.Parameter(torch.zeros(1, n + 1, dim))
         nn.init.trunc_normal_(self.cls, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
-        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
 
     @classmethod
     def spec_kwargs(cls, spec: ModalitySpec) -> dict[str, Any]:

@@ -93,6 +93,8 @@ class SeriesTransformer(Encoder):
         kernel: Odd kernel length of the stem.
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
+        checkpoint: Activation checkpointing: each transformer block is recomputed in the
+            backward pass instead of keeping its activations (``Transformer``).
     """
 
     kind = "series"
@@ -107,6 +109,7 @@ class SeriesTransformer(Encoder):
         kernel: int = 5,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if kernel % 2 == 0:
@@ -115,7 +118,7 @@ class SeriesTransformer(Encoder):
         self.dim = self.stem_dim = dim
         self.stem_conv = nn.Sequential(nn.Conv1d(in_channels, dim, kernel, padding=kernel // 2), nn.GELU())
         self.positions = SinusoidalPositions(dim)
-        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
         self.register_load_state_dict_pre_hook(_rename_old_stem)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:

@@ -77,6 +77,8 @@ class TextTransformer(_TextEncoder):
         pool: ``"mean"`` or ``"cls"``.
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
+        checkpoint: Activation checkpointing: each transformer block is recomputed in the
+            backward pass instead of keeping its activations (``Transformer``).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class TextTransformer(_TextEncoder):
         pool: Literal["mean", "cls"] = "mean",
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("mean", "cls"):
@@ -99,7 +102,7 @@ class TextTransformer(_TextEncoder):
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.positions = LearnedPositions(dim, max_len)
-        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
         """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 def _check_padding(x: Tensor, padding: Tensor) -> None:
@@ -225,7 +226,15 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of ``TransformerBlock``s followed by a final LayerNorm (``causal`` for every block)."""
+    """A stack of ``TransformerBlock``s followed by a final LayerNorm (``causal`` for every block).
+
+    With ``checkpoint=True`` (activation checkpointing; Chen et al. 2016, "Training Deep Nets
+    with Sublinear Memory Cost") a training forward pass keeps only each block's input and
+    recomputes the block in the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG
+    state preserved so dropout masks repeat): activation memory of one block instead of
+    ``depth``, for about one more forward pass of compute. Evaluation and ``no_grad`` passes
+    are unaffected.
+    """
 
     def __init__(
         self,
@@ -235,15 +244,18 @@ class Transformer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         causal: bool = False,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         """Map ``Tensor[B, T, D]`` (with optional ``BoolTensor[B, T]`` padding) to ``[B, T, D]``."""
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, padding)
+            x = activation_checkpoint(block, x, padding, use_reentrant=False) if recompute else block(x, padding)
         return self.norm(x)
 
 
