@@ -169,7 +169,7 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(precisi
     torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7)
     for name in p0:
         torch.testing.assert_close(p1[name], p0[name], rtol=1e-6, atol=1e-7, msg=name)
-    assert len(calls) == 2 * 3  # each block ran forward, then again in the backward pass
+    assert len(calls) == 2 * 2 + 1  # blocks ran forward, then again in backward (all but the last)
     calls.clear()
     ckpt.eval()
     with torch.no_grad():

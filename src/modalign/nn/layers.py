@@ -231,9 +231,9 @@ class Transformer(nn.Module):
     With ``checkpoint=True`` (activation checkpointing; Chen et al. 2016, "Training Deep Nets
     with Sublinear Memory Cost") a training forward pass keeps only each block's input and
     recomputes the block in the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG
-    state preserved so dropout masks repeat): activation memory of one block instead of
-    ``depth``, for about one more forward pass of compute. Evaluation and ``no_grad`` passes
-    are unaffected.
+    state preserved so dropout masks repeat): activation memory of about two blocks instead of
+    ``depth``, for one more forward pass of all blocks but the last (whose backward runs first,
+    so recomputing it would free nothing). Evaluation and ``no_grad`` passes are unaffected.
     """
 
     def __init__(
@@ -254,8 +254,12 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         """Map ``Tensor[B, T, D]`` (with optional ``BoolTensor[B, T]`` padding) to ``[B, T, D]``."""
         recompute = self.checkpoint and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = activation_checkpoint(block, x, padding, use_reentrant=False) if recompute else block(x, padding)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if recompute and i < last:  # the last block's backward comes first: recomputing it saves nothing
+                x = activation_checkpoint(block, x, padding, use_reentrant=False)
+            else:
+                x = block(x, padding)
         return self.norm(x)
 
 
