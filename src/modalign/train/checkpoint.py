@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
-from torch import nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
 
 from modalign.core.errors import CheckpointError
 from modalign.encoders.pretrained import PretrainedEncoder
@@ -49,8 +49,14 @@ def frozen_references(module: nn.Module) -> dict[str, dict[str, str]]:
     }
 
 
-def save_weights(module: nn.Module, path: Path) -> None:
-    """Write ``module``'s weights to ``path``, frozen pretrained backbones by reference only."""
+def save_weights(module: nn.Module, path: Path, weights: dict[str, Tensor] | None = None) -> None:
+    """Write ``module``'s weights to ``path``, frozen pretrained backbones by reference only.
+
+    ``weights`` (a full state dict gathered from a sharded module) replaces ``module.state_dict()``.
+    """
+    if weights is not None:
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path))
+        return
     refs = frozen_references(module)
     if not refs:
         save_model(module, str(path))
@@ -91,8 +97,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    tag: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    keep: int = 2,
+    weights: dict[str, Tensor] | None = None,
+) -> Path:
     """Write ``module`` weights and trainer ``state`` as checkpoint ``tag``; keep the newest ``keep``.
+
+    ``weights``: a full state dict to write instead of ``module.state_dict()`` (sharded runs).
 
     Returns:
         The checkpoint folder.
@@ -103,7 +118,7 @@ def save_checkpoint(ckpt_dir: Path, tag: str, module: nn.Module, state: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_weights(module, tmp / WEIGHTS)
+        save_weights(module, tmp / WEIGHTS, weights)
         torch.save(state, tmp / STATE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,6 +186,19 @@ def load_weights(folder: Path, module: nn.Module) -> None:
             f"checkpoint {path} does not match the model: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """The tensors of ``model.safetensors`` in ``folder`` (for sharded runs, which load them collectively).
+
+    Raises:
+        CheckpointError: If the file cannot be read.
+    """
+    path = folder / WEIGHTS
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded ({_reason(e)})") from e
 
 
 def load_state(folder: Path) -> dict[str, Any]:

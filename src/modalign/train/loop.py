@@ -63,11 +63,13 @@ from modalign.train.checkpoint import (
     load_state,
     load_weights,
     previous_checkpoint,
+    read_weights,
     save_checkpoint,
 )
 from modalign.train.distributed import (
     ContiguousShard,
     ShardedBatches,
+    TrainingStep,
     any_rank,
     average_records,
     enable_gather,
@@ -78,6 +80,7 @@ from modalign.train.distributed import (
     wrap_ddp,
 )
 from modalign.train.failures import StepPlace, is_out_of_memory, nonfinite_error, out_of_memory_error
+from modalign.train.fsdp import check_shardable, full_model_state, full_optimizer_state, load_full_state, wrap_fsdp
 from modalign.train.grad_cache import all_reduce_gradients, check_cacheable, grad_cache_backward
 from modalign.train.progress import Progress, make_progress
 from modalign.train.recipe import TrainConfig
@@ -246,6 +249,12 @@ class Trainer:
         self.step_module: torch.nn.Module | None = None
         if cfg.grad_cache is not None:
             check_cacheable(self.method)
+        self.fsdp = cfg.fsdp and self.world > 1
+        if self.fsdp:
+            if cfg.grad_cache is not None:
+                raise ConfigError("train.fsdp", "gradient caching runs the method outside the sharded step; pick one")
+            check_shardable(self.method)
+            self.step_module = wrap_fsdp(TrainingStep(self.method), self.method, self.world, device)
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -279,9 +288,12 @@ class Trainer:
         return True
 
     def _load(self, folder: Path) -> None:
-        load_weights(folder, self.method)
         state = load_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_state(self.method, self.optimizer, read_weights(folder), state["optimizer"])
+        else:
+            load_weights(folder, self.method)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(state["epoch"], state["step"], state.get("skipped_nonfinite", 0))
         random.setstate(state["rng"]["python"])
@@ -314,20 +326,26 @@ class Trainer:
             summary = self._run_epoch(self.state.epoch, log)
             self.state.epoch += 1
             log.write({"step": self.state.step, "epoch": self.state.epoch, **summary})
-            if self.rank == 0 and (self.state.epoch % self.cfg.save_every == 0 or self.state.epoch == self.cfg.epochs):
+            if self.state.epoch % self.cfg.save_every == 0 or self.state.epoch == self.cfg.epochs:
                 self._save()
         return self.state
 
     def _save(self) -> None:
+        """Rank 0 writes a checkpoint; sharded runs first gather full tensors on every rank."""
+        weights = full_model_state(self.method) if self.fsdp else None
+        optimizer = full_optimizer_state(self.method, self.optimizer) if self.fsdp else None
+        if self.rank != 0:
+            return
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
-        save_checkpoint(self.ckpt_dir, f"epoch-{self.state.epoch:04d}", self.method, state, self.cfg.keep_checkpoints)
+        tag = f"epoch-{self.state.epoch:04d}"
+        save_checkpoint(self.ckpt_dir, tag, self.method, state, self.cfg.keep_checkpoints, weights)
 
     def _run_epoch(self, epoch: int, log: MetricsLog) -> dict[str, float]:
         seed = epoch_seed(self.cfg.seed, epoch)

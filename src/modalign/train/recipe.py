@@ -96,6 +96,12 @@ class TrainConfig(_Section):
         "whole batch while activations are held for one chunk at a time, with the full batch's gradients. "
         "null = off. Objectives must not run the model themselves (Objective.features).",
     )
+    fsdp: bool = Field(
+        False,
+        description="Under torchrun: shard parameters, gradients and optimiser state over the ranks (PyTorch "
+        "FSDP2 fully_shard: each encoder, then the whole step) instead of replicating them (DDP). Checkpoints "
+        "hold full tensors and resume at any world size.",
+    )
     skip_nonfinite: int = Field(
         0,
         ge=0,

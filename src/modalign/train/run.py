@@ -44,6 +44,7 @@ from modalign.objectives.captioning import (
 from modalign.train.build import build_dataset, build_method, make_loader, resolve_device
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
 from modalign.train.distributed import barrier, distributed_session, enable_gather
+from modalign.train.fsdp import full_model_state
 from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
 from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
 from modalign.train.run_report import record_command, write_run_report
@@ -160,6 +161,11 @@ def train_run(
             trainer = Trainer(method, train_ds, recipe.train, run_dir, device, tracker)
             state = trainer.fit(resume=resume, max_epochs=max_epochs)
             enable_gather(method, False)
+            if trainer.fsdp:  # evaluation runs on rank 0 alone: an unsharded copy of the weights
+                weights = full_model_state(method)  # collective; full tensors on rank 0
+                if dist_ctx.lead:
+                    method = build_method(recipe, train_ds.modalities)
+                    method.load_state_dict(weights)
             metrics = None
             if state.epoch < recipe.train.epochs:
                 log.info("stopped after epoch %d of %d; run again to resume", state.epoch, recipe.train.epochs)
