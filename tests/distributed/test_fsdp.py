@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from modalign.core import ConfigError
+from modalign.core import ConfigError, Sample
+from modalign.core.errors import TrainingError
 from modalign.train.fsdp import full_model_state
 from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
@@ -70,9 +71,31 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             # the plain run's epoch-2 checkpoint (copied in by the fixture), resumed sharded
             results[f"{name}/from-plain"] = train(name, out / f"{name}-plain-copy-rank{rank}", 3, fsdp=True)
         results["refused"] = refusal(out / f"xdc-rank{rank}")
+        results["split"] = split_modality(out / f"split-rank{rank}")
         torch.save(results if rank == 0 else {}, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class MostlyUnpaired(Triples):
+    """``Triples`` whose ``y`` is observed in sample 0 only: some batch puts it on one rank alone."""
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = super().__getitem__(index)
+        values = {m: (None if m == "y" and index else v) for m, v in sample.values.items()}
+        return Sample(sample.id, values)
+
+
+def split_modality(run_dir: Path) -> str:
+    """The error when one rank's batch observes ``y`` and the other's does not (instead of a hang)."""
+    run_dir.mkdir(parents=True)
+    cfg = TrainConfig(epochs=1, batch_size=4, fsdp=True, progress_every=None)
+    trainer = Trainer(make_method("clip", ("x", "y"), {}), MostlyUnpaired(), cfg, run_dir, torch.device("cpu"))
+    try:
+        trainer.fit(resume=False)
+    except TrainingError as e:
+        return str(e)
+    return "no error"
 
 
 def refusal(run_dir: Path) -> str:
@@ -122,3 +145,8 @@ def test_checkpoints_resume_at_another_world_size(runs: tuple[Path, dict[str, An
 
 def test_objectives_with_model_hooks_are_refused(runs: tuple[Path, dict[str, Any]]) -> None:
     assert "train.fsdp" in runs[1]["refused"] and "on_epoch_start" in runs[1]["refused"]
+
+
+def test_a_modality_observed_on_some_ranks_only_fails_instead_of_hanging(runs: tuple[Path, dict[str, Any]]) -> None:
+    message = runs[1]["split"]
+    assert message.startswith("train.fsdp: at step ") and "modalities ['y']" in message and "DDP" in message

@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from modalign.core.errors import ConfigError
+from modalign.core.errors import ConfigError, TrainingError
 from modalign.core.modules import Objective
+from modalign.core.types import Batch
 from modalign.methods.base import Method
 from modalign.train.checkpoint import frozen_references
 
@@ -130,3 +131,26 @@ def load_full_state(
         "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim["param_groups"]],
     }
     set_optimizer_state_dict(method, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def modalities_split_across_ranks(batch: Batch, modalities: tuple[str, ...]) -> list[str]:
+    """The modalities some ranks' batches observe and others' lack in every row (collective).
+
+    Each encoder is its own FSDP unit whose weights are all-gathered when it runs; a rank whose
+    rows all lack a modality skips that encoder, and the other ranks would wait for it forever.
+    One all-reduce of ``2 M`` flags per step lets the trainer fail with a message instead.
+    """
+    seen = torch.tensor([float(m in batch.data and bool(batch.rows(m).any())) for m in modalities])
+    both = torch.cat([seen, -seen]).to(batch.ids.device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # [max over ranks, -min over ranks]
+    highs, lows = both[: len(modalities)].tolist(), (-both[len(modalities) :]).tolist()
+    return [m for m, hi, lo in zip(modalities, highs, lows, strict=True) if hi != lo]
+
+
+def split_modalities_error(split: list[str], where: str) -> TrainingError:
+    """The error for :func:`modalities_split_across_ranks` finding ``split`` at ``where``."""
+    return TrainingError(
+        f"train.fsdp: at {where}, modalities {split} are observed in some ranks' batches and absent from every "
+        "row of others'; FSDP runs each encoder on every rank, so partially paired data needs DDP "
+        "(fsdp: false) or larger batches"
+    )

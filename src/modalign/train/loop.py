@@ -80,7 +80,15 @@ from modalign.train.distributed import (
     wrap_ddp,
 )
 from modalign.train.failures import StepPlace, is_out_of_memory, nonfinite_error, out_of_memory_error
-from modalign.train.fsdp import check_shardable, full_model_state, full_optimizer_state, load_full_state, wrap_fsdp
+from modalign.train.fsdp import (
+    check_shardable,
+    full_model_state,
+    full_optimizer_state,
+    load_full_state,
+    modalities_split_across_ranks,
+    split_modalities_error,
+    wrap_fsdp,
+)
 from modalign.train.grad_cache import all_reduce_gradients, check_cacheable, grad_cache_backward
 from modalign.train.progress import Progress, make_progress
 from modalign.train.recipe import TrainConfig
@@ -458,6 +466,8 @@ class Trainer:
         Raises:
             TrainingError: Out of memory, or a non-finite loss beyond ``train.skip_nonfinite``.
         """
+        if self.fsdp and (split := modalities_split_across_ranks(batch, self.method.modalities)):
+            raise split_modalities_error(split, self._place(batch, epoch).describe())
         try:
             if self.cfg.grad_cache is not None:
                 self.optimizer.zero_grad(set_to_none=True)
