@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).parent))
+from docsection import write_section
 from losses import cpu_name, peak_tensor_bytes
 
 from modalign.core import Batch, ModalitySpec
@@ -55,7 +56,6 @@ from modalign.train.recipe import validate_recipe
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "ddp_scaling.json"
 DOC = ROOT / "docs" / "scaling.md"
-BEGIN, END = "<!-- ddp_scaling:begin -->", "<!-- ddp_scaling:end -->"
 IN_DIM, WIDTH, HIDDEN, EMBED = 256, 256, 512, 128
 
 
@@ -222,28 +222,13 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_doc(lines: list[str], meta: dict[str, Any], command: str) -> None:
-    body = "\n".join(
-        [
-            BEGIN,
-            "",
-            "Written by `benchmarks/ddp_scaling.py` (do not edit by hand); raw figures in "
-            "`benchmarks/results/ddp_scaling.json`.",
-            "",
-            f"    {command}",
-            "",
-            f"Machine: {meta['cpu']}, {meta['cpus']} cores, 1 thread per rank, torch {meta['torch']}; load "
-            f"average {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. Model: two "
-            f"`vector_mlp` towers ({IN_DIM} -> {HIDDEN} -> {WIDTH}), linear heads to {EMBED}, `clip`; "
-            f"P = {meta['params']:,} parameters.",
-            "",
-            *lines,
-            "",
-            END,
-        ]
+    machine = (
+        f"Machine: {meta['cpu']}, {meta['cpus']} cores, 1 thread per rank, torch {meta['torch']}; load "
+        f"average {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. Model: two "
+        f"`vector_mlp` towers ({IN_DIM} -> {HIDDEN} -> {WIDTH}), linear heads to {EMBED}, `clip`; "
+        f"P = {meta['params']:,} parameters."
     )
-    text = DOC.read_text()
-    text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END) :]
-    DOC.write_text(text)
+    write_section(DOC, "ddp_scaling", command, machine, lines, "Growth with batch and world size")
 
 
 def main() -> None:

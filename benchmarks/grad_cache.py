@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from docsection import write_section
 from losses import cpu_name, peak_tensor_bytes
 
 from modalign.data.collate import collate
@@ -51,7 +52,6 @@ from modalign.train.recipe import Recipe, load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "grad_cache.json"
 DOC = ROOT / "docs" / "scaling.md"
-BEGIN, END = "<!-- grad_cache:begin -->", "<!-- grad_cache:end -->"
 RECIPE = "av-digits-clip"
 
 
@@ -199,30 +199,12 @@ def table(steps: list[dict[str, Any]], runs: list[dict[str, Any]], batch_size: i
 
 
 def write_doc(lines: list[str], meta: dict[str, Any], command: str) -> None:
-    text = DOC.read_text()
-    body = "\n".join(
-        [
-            BEGIN,
-            "",
-            "Written by `benchmarks/grad_cache.py` (do not edit by hand); raw figures in "
-            "`benchmarks/results/grad_cache.json`.",
-            "",
-            f"    {command}",
-            "",
-            f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; load average "
-            f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. Recipe `{RECIPE}` at "
-            f"`train.batch_size={meta['batch']}`.",
-            "",
-            *lines,
-            "",
-            END,
-        ]
+    machine = (
+        f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; load average "
+        f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. Recipe `{RECIPE}` at "
+        f"`train.batch_size={meta['batch']}`."
     )
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n## Gradient caching\n\n" + body + "\n"
-    DOC.write_text(text)
+    write_section(DOC, "grad_cache", command, machine, lines, "Gradient caching")
 
 
 def main() -> None:

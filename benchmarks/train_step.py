@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from docsection import write_section
 from losses import cpu_name, peak_tensor_bytes
 
 from modalign.core import Batch, ModalitySpec
@@ -56,7 +57,6 @@ from modalign.train.recipe import validate_recipe
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 DOC = ROOT / "docs" / "scaling.md"
-BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
 
 
 def load_open_clip() -> tuple[types.ModuleType, types.ModuleType, Path]:
@@ -230,30 +230,12 @@ def table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
 
 
 def write_doc(lines: list[str], meta: dict[str, Any], command: str) -> None:
-    body = "\n".join(
-        [
-            BEGIN,
-            "",
-            "Written by `benchmarks/train_step.py` (do not edit by hand); raw figures in "
-            "`benchmarks/results/train_step.json`.",
-            "",
-            f"    {command}",
-            "",
-            f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; load average "
-            f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. open_clip config "
-            f"`{meta['config']}`, batch {meta['batch']}, median of {meta['rounds']} interleaved rounds.",
-            "",
-            *lines,
-            "",
-            END,
-        ]
+    machine = (
+        f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; load average "
+        f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. open_clip config "
+        f"`{meta['config']}`, batch {meta['batch']}, median of {meta['rounds']} interleaved rounds."
     )
-    text = DOC.read_text()
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n## Training step\n\n" + body + "\n"
-    DOC.write_text(text)
+    write_section(DOC, "train_step", command, machine, lines, "Training step")
 
 
 def main() -> None:

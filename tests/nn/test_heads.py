@@ -24,9 +24,9 @@ def test_input_dropout(name: str) -> None:
     plain = create("head", name, in_dim=16, out_dim=4)
     torch.manual_seed(0)
     dropped = create("head", name, in_dim=16, out_dim=4, input_dropout=0.5)
-    assert plain.state_dict().keys() == dropped.state_dict().keys() or name == "mlp"
     x = torch.randn(8, 16, requires_grad=True)
     dropped.eval()  # evaluation: no dropout, the same map
+    # the same weights in the same order (an mlp's Sequential indices shift by the Dropout in front)
     dropped.load_state_dict(dict(zip(dropped.state_dict(), plain.state_dict().values(), strict=True)))
     torch.testing.assert_close(dropped(x), plain(x))
     dropped.train()

@@ -42,6 +42,7 @@ from modalign.core.modules import Objective
 from modalign.core.types import Batch
 from modalign.methods.base import Method
 from modalign.train.checkpoint import frozen_references
+from modalign.train.distributed import mean_over_ranks
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -83,8 +84,7 @@ def wrap_fsdp(step: nn.Module, method: Method, world: int, device: torch.device)
 
 def _average_gradient(p: Tensor) -> None:
     assert p.grad is not None
-    dist.all_reduce(p.grad)
-    p.grad /= dist.get_world_size()
+    p.grad.copy_(mean_over_ranks(p.grad))
 
 
 def _names(method: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

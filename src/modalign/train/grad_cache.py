@@ -34,13 +34,14 @@ from dataclasses import fields, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from modalign.core.errors import ConfigError
 from modalign.core.modules import Objective
 from modalign.core.types import Batch, LossOutput, Outputs
+from modalign.distributed import world_size
 from modalign.methods.base import Method
+from modalign.train.distributed import mean_over_ranks
 
 #: ``Outputs`` fields holding one ``[B, ...]`` tensor (or ``None``).
 _ROW_TENSORS = ("fused", "fused_tokens", "fused_padding", "fused_embedding")
@@ -254,21 +255,17 @@ def grad_cache_backward(
 def all_reduce_gradients(module: nn.Module) -> None:
     """Average every parameter's gradient over ranks (missing gradients count as zeros).
 
-    One flat all-reduce per dtype, as DDP's reducer would after a backward pass.
+    One flat ``mean_over_ranks`` per dtype, as DDP's reducer would after a backward pass.
     """
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
-    params = [p for p in module.parameters() if p.requires_grad]
-    world = dist.get_world_size()
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
+    for p in module.parameters():
+        if p.requires_grad:
+            by_dtype.setdefault(p.dtype, []).append(p)
     for group in by_dtype.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in group:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        flat = mean_over_ranks(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        )
+        for p, part in zip(group, flat.split([p.numel() for p in group]), strict=True):
+            p.grad = part.view_as(p).clone()

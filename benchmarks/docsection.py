@@ -1,0 +1,36 @@
+"""Rewrite a benchmark's marked section of a Markdown file (``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_section(doc: Path, name: str, command: str, machine: str, lines: list[str], heading: str) -> None:
+    """Put ``lines`` (the table) with the command and machine between the ``name`` markers of ``doc``.
+
+    The raw figures are ``benchmarks/results/{name}.json``, written by ``benchmarks/{name}.py``.
+    Without markers, a new ``## heading`` section is appended.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    body = "\n".join(
+        [
+            begin,
+            "",
+            f"Written by `benchmarks/{name}.py` (do not edit by hand); raw figures in "
+            f"`benchmarks/results/{name}.json`.",
+            "",
+            f"    {command}",
+            "",
+            machine,
+            "",
+            *lines,
+            "",
+            end,
+        ]
+    )
+    text = doc.read_text()
+    if begin in text:
+        text = text[: text.index(begin)] + body + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + body + "\n"
+    doc.write_text(text)
