@@ -1,4 +1,4 @@
-"""The ``modalign`` command line: train, eval, report, embed, generate, recipes, datasets.
+"""The ``modalign`` command line: train, eval, report, embed, generate, recipes, datasets, shards.
 
 A thin layer over ``modalign.train`` and ``modalign.data``: every command parses options,
 calls one library function and prints its result. Errors that modalign raises on purpose are
@@ -253,6 +253,38 @@ def fetch(
     except (ModalignError, KeyError, OSError) as e:
         _fail(e)
     typer.echo(f"installed {len(files)} file(s) under {root}")
+
+
+shards_app = typer.Typer(help="Write a dataset split as WebDataset tar shards, for streamed training (train.shards).")
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("build")
+def shards_build(
+    recipe: RecipeArg,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the .tar shards and index.json into.")],
+    overrides: OverridesArg = None,
+    split: Annotated[str, typer.Option(help="Split of the recipe's dataset to write (train|test).")] = "train",
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Write a split of the recipe's dataset (or manifest) as tar shards in the WebDataset layout.
+
+    Values are written as the dataset gives them without augmentation. Train from the shards
+    with `modalign train RECIPE train.shards=OUT_DIR`; `train.save_every_steps=N` then also
+    checkpoints inside epochs, and a resumed run continues the stream exactly.
+    """
+    from modalign.train.build import write_recipe_shards
+
+    try:
+        rec = load_recipe(recipe, overrides or [])
+        if data_root is not None:
+            rec.data = {**rec.data, "root": str(data_root.resolve())}
+        index = write_recipe_shards(rec, out_dir, split, shard_size)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"wrote {index.count} samples in {len(index.shards)} shard(s) and index.json to {out_dir}")
+    typer.echo(f"train from them with: modalign train {recipe} train.shards={out_dir}")
 
 
 @contextmanager

@@ -6,6 +6,7 @@ reads the recipe tree and spreads it into keyword arguments.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from modalign.core.types import ModalitySpec
 from modalign.data.base import MultimodalDataset
 from modalign.data.collate import Collator
 from modalign.data.raw import InputView, ModalityInput
+from modalign.data.shards import ShardIndex, ShardStream, read_index, write_shards
 from modalign.encoders.feature_cache import cached_input, encoder_input
 from modalign.encoders.pretrained import PretrainedEncoder
 from modalign.methods.base import Method, MultimodalModel
@@ -48,6 +50,30 @@ def build_dataset(
         "dataset", name, split=split, seed=recipe.train.seed, augment=augment, artifacts=artifacts, **kwargs
     )
     return with_encoder_inputs(recipe, dataset)
+
+
+def build_train_split(
+    recipe: Recipe, artifacts: dict[str, str] | None = None, augment: bool | None = None
+) -> MultimodalDataset | ShardStream:
+    """The training split: a stream of the shards of ``train.shards`` if set, else ``build_dataset(..., "train")``.
+
+    A stream iterates one unshuffled pass until the trainer sets an epoch's order.
+    """
+    if recipe.train.shards is not None:
+        return ShardStream(read_index(recipe.train.shards), recipe.train.shuffle_buffer)
+    return build_dataset(recipe, "train", artifacts=artifacts, augment=augment)
+
+
+def write_recipe_shards(recipe: Recipe, out: Path, split: str = "train", shard_size: int = 1000) -> ShardIndex:
+    """Write ``split`` of the recipe's dataset (without augmentation) as WebDataset shards under ``out``.
+
+    The index records the train split's fitted artifacts (tokenizers), which a run trained on the
+    shards keeps to read its test split the same way.
+    """
+    train = build_dataset(recipe, "train", augment=False)
+    dataset = train if split == "train" else build_dataset(recipe, split, artifacts=train.artifacts(), augment=False)
+    source = {"data": dict(recipe.data), "seed": recipe.train.seed}
+    return write_shards(dataset, out, shard_size, split, artifacts=train.artifacts(), source=source)
 
 
 def with_encoder_inputs(recipe: Recipe, dataset: MultimodalDataset) -> MultimodalDataset:
@@ -152,7 +178,7 @@ def build_method(recipe: Recipe, specs: dict[str, ModalitySpec]) -> Method:
 
 
 def make_loader(
-    dataset: MultimodalDataset,
+    dataset: MultimodalDataset | ShardStream,
     batch_size: int,
     shuffle: bool,
     num_workers: int = 0,

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -130,6 +132,16 @@ def distributed_session(device: torch.device) -> Iterator[tuple[DistContext, tor
         yield ctx, device
     finally:
         dist.destroy_process_group()
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's Python, NumPy and torch RNG states, in rank order (on every rank)."""
+    mine = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if not is_initialized():
+        return [mine]
+    states: list[Any] = [None] * world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def barrier() -> None:

@@ -47,20 +47,28 @@ from modalign.train.distributed import mean_over_ranks
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def hooked_objectives(method: Method, hook: str) -> list[tuple[str, str]]:
+    """``(label, class name)`` of the objectives of ``method`` that override ``Objective.<hook>``."""
+    return [
+        (label, type(objective).__name__)
+        for label, objective in method.objectives.items()
+        if isinstance(objective, Objective) and getattr(type(objective), hook) is not getattr(Objective, hook)
+    ]
+
+
 def check_shardable(method: Method) -> None:
     """Refuse what FSDP cannot run here.
 
     Raises:
         ConfigError: At ``train.fsdp``, naming the objective hook or the frozen backbone.
     """
-    for label, objective in method.objectives.items():
-        for hook in ("on_epoch_start", "after_step"):
-            if isinstance(objective, Objective) and getattr(type(objective), hook) is not getattr(Objective, hook):
-                raise ConfigError(
-                    "train.fsdp",
-                    f"objective {label!r} ({type(objective).__name__}) has an {hook} hook that runs the model "
-                    "outside the sharded training step; train it with DDP (fsdp: false)",
-                )
+    for hook in ("on_epoch_start", "after_step"):
+        for label, kind in hooked_objectives(method, hook):
+            raise ConfigError(
+                "train.fsdp",
+                f"objective {label!r} ({kind}) has an {hook} hook that runs the model "
+                "outside the sharded training step; train it with DDP (fsdp: false)",
+            )
     if frozen_references(method):
         raise ConfigError("train.fsdp", "frozen pretrained backbones are saved by reference; use DDP (fsdp: false)")
 

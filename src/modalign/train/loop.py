@@ -41,7 +41,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from modalign.core.errors import CheckpointError, ConfigError, TrainingError
 from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
 from modalign.data.perturb import drop_modalities
+from modalign.data.shards import ShardStream, StreamEpoch, stream_batches, stream_samples
 from modalign.distributed import rank, world_size
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
@@ -73,6 +74,7 @@ from modalign.train.distributed import (
     any_rank,
     average_records,
     enable_gather,
+    gather_rng_states,
     global_batch_norm,
     mean_over_ranks,
     per_rank_batch,
@@ -84,6 +86,7 @@ from modalign.train.fsdp import (
     check_shardable,
     full_model_state,
     full_optimizer_state,
+    hooked_objectives,
     load_full_state,
     modalities_split_across_ranks,
     split_modalities_error,
@@ -142,6 +145,24 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     skipped_nonfinite: int = 0
+
+
+@dataclass
+class MidEpoch:
+    """Where a mid-epoch checkpoint stopped inside epoch ``TrainState.epoch`` (streamed training).
+
+    Attributes:
+        batches: Batches of the epoch already trained on (each rank's stream consumed
+            ``batches x`` its local batch).
+        loss_sum: Sum of those batches' losses (averaged over ranks), for the epoch's mean.
+        world: Ranks that wrote it. workers: ``train.num_workers`` it was written with; the
+            stream's order depends on both, so a resume must use the same.
+    """
+
+    batches: int
+    loss_sum: float
+    world: int
+    workers: int
 
 
 class MetricsLog:
@@ -237,7 +258,7 @@ class Trainer:
     def __init__(
         self,
         method: Method,
-        dataset: MultimodalDataset,
+        dataset: MultimodalDataset | ShardStream,
         cfg: TrainConfig,
         run_dir: Path,
         device: torch.device,
@@ -263,16 +284,43 @@ class Trainer:
                 raise ConfigError("train.fsdp", "gradient caching runs the method outside the sharded step; pick one")
             check_shardable(self.method)
             self.step_module = wrap_fsdp(TrainingStep(self.method), self.method, self.world, device)
-        self.steps_per_epoch = len(dataset) // cfg.batch_size
+        self.stream = dataset if isinstance(dataset, ShardStream) else None
+        self._check_stream()
+        if self.stream is None:
+            self.steps_per_epoch = len(dataset) // cfg.batch_size
+        else:  # every rank takes the steps its smallest possible share of the shards allows
+            self.steps_per_epoch = self.stream.rank_samples(self.world) // self.local_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 "train.batch_size", f"{cfg.batch_size} exceeds the {len(dataset)} training samples; lower it"
             )
+        self.mid: MidEpoch | None = None
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = make_optimizer(method, cfg)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
         self.state = TrainState()
         self.progress: Progress = Progress(cfg.epochs, self.total_steps)
+
+    def _check_stream(self) -> None:
+        """Refuse mid-epoch checkpoints without a stream, and epoch-start passes over a stream.
+
+        Raises:
+            ConfigError: At ``train.save_every_steps`` or ``train.shards``, naming the reason.
+        """
+        if self.cfg.save_every_steps is not None and self.stream is None:
+            raise ConfigError(
+                "train.save_every_steps",
+                "mid-epoch checkpoints need the training split as a stream of shards (train.shards): the "
+                "augmentation of a map-style split is not seeded per sample, so a resumed epoch could not repeat it",
+            )
+        hooked = hooked_objectives(self.method, "on_epoch_start")
+        if self.stream is not None and hooked:
+            label, kind = hooked[0]
+            raise ConfigError(
+                "train.shards",
+                f"objective {label!r} ({kind}) passes over the whole training split at each epoch start, which a "
+                "stream of shards does not offer; train it from the `data` dataset",
+            )
 
     @property
     def ckpt_dir(self) -> Path:
@@ -304,9 +352,19 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(state["epoch"], state["step"], state.get("skipped_nonfinite", 0))
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        rng = state["rng"]
+        if "mid_epoch" in state:
+            self.mid = MidEpoch(**state["mid_epoch"])
+            if (self.mid.world, self.mid.workers) != (self.world, self.cfg.num_workers):
+                raise CheckpointError(
+                    f"checkpoint {folder} was written inside an epoch by {self.mid.world} rank(s) with "
+                    f"train.num_workers={self.mid.workers}; the stream's order depends on both, so resume with the "
+                    f"same (now {self.world} rank(s), {self.cfg.num_workers} workers)"
+                )
+            rng = state["rng_ranks"][self.rank]  # each rank continues its own random stream
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
 
     def fit(self, resume: bool = True, max_epochs: int | None = None, progress: Progress | None = None) -> TrainState:
         """Train until ``cfg.epochs`` are done (or ``max_epochs`` more epochs in this call).
@@ -338,13 +396,19 @@ class Trainer:
                 self._save()
         return self.state
 
-    def _save(self) -> None:
-        """Rank 0 writes a checkpoint; sharded runs first gather full tensors on every rank."""
+    def _save(self, mid: MidEpoch | None = None) -> None:
+        """Rank 0 writes a checkpoint; sharded runs first gather full tensors on every rank.
+
+        ``mid``: a checkpoint inside an epoch (``train.save_every_steps``), tagged
+        ``epoch-EEEE-step-SSSSSSSS`` (sorting between its epoch's ends); it also holds every
+        rank's RNG states, gathered here.
+        """
         weights = full_model_state(self.method) if self.fsdp else None
         optimizer = full_optimizer_state(self.method, self.optimizer) if self.fsdp else None
+        rng_ranks = gather_rng_states() if mid is not None else None
         if self.rank != 0:
             return
-        state = {
+        state: dict[str, Any] = {
             "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.state.epoch,
@@ -353,22 +417,31 @@ class Trainer:
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         tag = f"epoch-{self.state.epoch:04d}"
+        if mid is not None:
+            state |= {"mid_epoch": asdict(mid), "rng_ranks": rng_ranks}
+            tag += f"-step-{self.state.step:08d}"
         save_checkpoint(self.ckpt_dir, tag, self.method, state, self.cfg.keep_checkpoints, weights)
 
     def _run_epoch(self, epoch: int, log: MetricsLog) -> dict[str, float]:
         seed = epoch_seed(self.cfg.seed, epoch)
-        seed_everything(seed)
-        self.dataset.set_epoch(epoch)
-        ctx = EpochContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch, self._dataset_pass)
-        self.method.on_epoch_start(ctx)
-        if self.world > 1:
-            seed_everything(rank_seed(seed, self.rank))
+        mid, self.mid = self.mid, None
+        if mid is None:  # a resumed epoch has its RNG states from the checkpoint instead
+            seed_everything(seed)
+            if isinstance(self.dataset, MultimodalDataset):
+                self.dataset.set_epoch(epoch)
+            ctx = EpochContext(self.state.step, epoch, self.total_steps, self.steps_per_epoch, self._dataset_pass)
+            self.method.on_epoch_start(ctx)
+            if self.world > 1:
+                seed_everything(rank_seed(seed, self.rank))
         self.method.train()
         total = torch.zeros((), device=self.device)
+        done = 0
+        if mid is not None:
+            total, done = torch.tensor(mid.loss_sum, device=self.device), mid.batches
         count, start = 0, time.perf_counter()
         watch = NonfiniteWatch(self.device)
         self.progress.start_epoch(epoch, self.steps_per_epoch)
-        for batch in self._loader(seed):
+        for batch in self._loader(seed, done):
             batch = drop_modalities(batch, self.cfg.modality_dropout).to(self.device)
             out = self._step(batch, epoch)
             if out is None:
@@ -378,15 +451,21 @@ class Trainer:
                 watch.observe(loss, self.state.step + 1, batch.ids)
             total += loss
             count += self.cfg.batch_size
+            done += 1
             self.state.step += 1
             self.method.after_step(self._context(epoch))
             self.progress.step(self.state.step, loss, self.cfg.batch_size)
             if self.state.step % self.cfg.log_every == 0:
                 self._check_nonfinite(watch, epoch)
                 rate = count / max(time.perf_counter() - start, 1e-9)
-                log.write(self._step_record(epoch + count / len(self.dataset), rate, out))
+                log.write(self._step_record(epoch + done * self.cfg.batch_size / len(self.dataset), rate, out))
+            every = self.cfg.save_every_steps
+            if every is not None and self.state.step % every == 0 and done < self.steps_per_epoch:
+                self._check_nonfinite(watch, epoch)  # nothing non-finite is ever saved
+                loss_sum = float(mean_over_ranks(total).item())
+                self._save(MidEpoch(done, loss_sum, self.world, self.cfg.num_workers))
         self._check_nonfinite(watch, epoch)
-        steps = max(1, count // self.cfg.batch_size)
+        steps = max(1, done)
         mean = float(mean_over_ranks(total).item()) / steps
         self.progress.end_epoch(epoch, mean)
         return {
@@ -395,8 +474,16 @@ class Trainer:
             "skipped_nonfinite": self.state.skipped_nonfinite,
         }
 
-    def _loader(self, seed: int) -> Any:
-        """The epoch's shuffled batches: the whole batch in one process, this rank's slice of it under DDP."""
+    def _loader(self, seed: int, done: int = 0) -> Any:
+        """The epoch's shuffled batches: the whole batch in one process, this rank's slice of it under DDP.
+
+        A stream of shards gives each rank its own batches, from the position after ``done``
+        batches of the epoch.
+        """
+        if isinstance(self.dataset, ShardStream):
+            epoch = StreamEpoch(seed, self.rank, self.world, consumed=done * self.local_batch)
+            samples = stream_samples(self.dataset.with_epoch(epoch), self.cfg.num_workers)
+            return stream_batches(samples, self.local_batch, self.steps_per_epoch - done, self.dataset.modalities)
         if self.world == 1:
             return make_loader(
                 self.dataset, self.cfg.batch_size, True, num_workers=self.cfg.num_workers, seed=seed, drop_last=True
@@ -454,6 +541,7 @@ class Trainer:
         Under DDP each rank passes over its contiguous shard (``ContiguousShard``); objectives
         gather the rows, in rank order, into the single-process pass.
         """
+        assert isinstance(self.dataset, MultimodalDataset)  # a stream refuses epoch-start hooks (_check_stream)
         sampler = ContiguousShard(len(self.dataset), self.rank, self.world) if self.world > 1 else None
         loader = make_loader(
             self.dataset, self.local_batch, shuffle=False, num_workers=self.cfg.num_workers, sampler=sampler

@@ -102,6 +102,21 @@ class TrainConfig(_Section):
         "FSDP2 fully_shard: each encoder, then the whole step) instead of replicating them (DDP). Checkpoints "
         "hold full tensors and resume at any world size.",
     )
+    shards: str | None = Field(
+        None,
+        description="Read the training split from WebDataset tar shards written by `modalign shards build`: "
+        "a folder or URL (http(s)://, pipe:) holding index.json. The test split still comes from `data`; the "
+        "shards' index carries the fitted tokenizers. null = the `data` dataset's train split.",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="With train.shards: samples in each DataLoader worker's shuffle buffer."
+    )
+    save_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="With train.shards: also checkpoint every N steps inside an epoch, recording the stream "
+        "position; a run resumed from one neither repeats nor skips a sample. null = epoch ends only.",
+    )
     skip_nonfinite: int = Field(
         0,
         ge=0,

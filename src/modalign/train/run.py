@@ -19,6 +19,7 @@ import yaml
 from modalign.core.errors import ConfigError, RunDirError
 from modalign.core.types import Batch
 from modalign.data.base import MultimodalDataset
+from modalign.data.shards import ShardStream
 from modalign.data.transforms.text import TextTokenizer
 from modalign.eval import (
     EmbeddingSet,
@@ -41,7 +42,7 @@ from modalign.objectives.captioning import (
     target_counts,
     unigram_scores,
 )
-from modalign.train.build import build_dataset, build_method, make_loader, resolve_device
+from modalign.train.build import build_dataset, build_method, build_train_split, make_loader, resolve_device
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
 from modalign.train.distributed import barrier, distributed_session, enable_gather
 from modalign.train.fsdp import full_model_state
@@ -56,7 +57,7 @@ CONFIG_FILE = "config.yaml"
 EVAL_FILE = "eval.json"
 ARTIFACTS_DIR = "artifacts"
 #: ``train`` keys a resumed run may change: they do not alter what was computed before the checkpoint.
-RUN_CONTROL_KEYS = ("skip_nonfinite", "progress_every", "track")
+RUN_CONTROL_KEYS = ("skip_nonfinite", "progress_every", "track", "save_every_steps")
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -108,7 +109,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = T
         write_text_atomic(path, dump_recipe(recipe))
 
 
-def save_artifacts(dataset: MultimodalDataset, run_dir: Path) -> None:
+def save_artifacts(dataset: MultimodalDataset | ShardStream, run_dir: Path) -> None:
     """Write the train split's fitted state (``dataset.artifacts()``) into ``run_dir/artifacts``."""
     folder = run_dir / ARTIFACTS_DIR
     folder.mkdir(exist_ok=True)
@@ -152,7 +153,7 @@ def train_run(
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         seed_everything(recipe.train.seed)
-        train_ds = build_dataset(recipe, "train")
+        train_ds = build_train_split(recipe)
         if dist_ctx.lead:
             save_artifacts(train_ds, run_dir)
         method = build_method(recipe, train_ds.modalities)
@@ -193,7 +194,7 @@ def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Metho
     folder = latest_checkpoint(run_dir / "checkpoints")
     if folder is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/latest)")
-    train_ds = build_dataset(recipe, "train", artifacts=load_artifacts(run_dir), augment=False)
+    train_ds = build_train_split(recipe, artifacts=load_artifacts(run_dir), augment=False)
     method = build_method(recipe, train_ds.modalities)
     load_weights(folder, method)
     return recipe, method
@@ -202,7 +203,7 @@ def load_run(run_dir: Path, data_root: str | None = None) -> tuple[Recipe, Metho
 def embed_split(
     recipe: Recipe,
     method: Method,
-    dataset: MultimodalDataset,
+    dataset: MultimodalDataset | ShardStream,
     device: torch.device,
     fused: bool = False,
     transform: Callable[[Batch], Batch] | None = None,
@@ -235,7 +236,7 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
     test_all = embed_split(recipe, method, test_ds, device, fused=True)
     train_all = None
     if recipe.eval.probe and recipe.eval.label is not None:
-        train_ds = build_dataset(recipe, "train", artifacts=artifacts, augment=False)
+        train_ds = build_train_split(recipe, artifacts=artifacts, augment=False)
         train_all = embed_split(recipe, method, train_ds, device, fused=True)
     options: dict[str, Any] = {
         "chunk_size": recipe.eval.chunk_size,
