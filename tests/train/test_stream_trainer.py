@@ -23,14 +23,14 @@ def cfg(**kw: object) -> TrainConfig:
 
 
 def test_mid_epoch_checkpoints_need_a_stream(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="train.save_every_steps") as err:
+    with pytest.raises(ConfigError, match=r"train\.save_every_steps") as err:
         Trainer(make_method("clip", ("x", "y"), {}), Triples(), cfg(save_every_steps=2), tmp_path, _cpu())
     assert "not seeded per sample" in str(err.value)
 
 
 def test_epoch_start_passes_are_refused_on_a_stream(tmp_path: Path) -> None:
     method = make_method("xdc", ("x", "y"), {"clusters": 4, "iterations": 2})
-    with pytest.raises(ConfigError, match="train.shards") as err:
+    with pytest.raises(ConfigError, match=r"train\.shards") as err:
         Trainer(method, stream(tmp_path), cfg(), tmp_path, _cpu())
     assert "XDC" in str(err.value) or "xdc" in str(err.value)
 
@@ -47,7 +47,7 @@ def test_a_stream_trains_its_rank_share_and_a_mid_epoch_checkpoint_needs_the_sam
     (run / "checkpoints" / "epoch-0001").rename(run / "checkpoints" / "zz-moved")  # leave the mid-epoch one latest
     (run / "checkpoints" / "latest").write_text("epoch-0000-step-00000003")
     other = Trainer(make_method("clip", ("x", "y"), {}), data, cfg(save_every_steps=3, num_workers=2), run, _cpu())
-    with pytest.raises(CheckpointError, match="train.num_workers=0") as err:
+    with pytest.raises(CheckpointError, match=r"train\.num_workers=0") as err:
         other.fit()
     assert "resume with the same" in str(err.value)
 
