@@ -5,8 +5,6 @@ every sample exactly once per epoch and ends with the uninterrupted run's weight
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modalign.train.checkpoint import latest_checkpoint
+from support.procs import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +66,13 @@ def recipe_args(folder: Path, shards: Path) -> list[str]:
 
 
 def driver(ids_log: Path, args: list[str], stall_after: int | None = None, ranks: int = 1) -> subprocess.Popen[str]:
-    """The recording ``modalign train`` in its own process group (``torchrun`` with ``ranks > 1``)."""
+    """The recording ``modalign train`` (under ``torchrun`` with ``ranks > 1``)."""
     own = [str(ids_log)] + ([str(stall_after)] if stall_after is not None else [])
     launch = [sys.executable]
     if ranks > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     cmd = [*launch, str(DRIVER), *own, "--", "train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def kill_when_stalled(proc: subprocess.Popen[str], markers: list[Path]) -> None:
@@ -84,7 +83,7 @@ def kill_when_stalled(proc: subprocess.Popen[str], markers: list[Path]) -> None:
     try:
         assert all(m.exists() for m in markers), proc.communicate(timeout=5)[1][-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own
         proc.wait()
 
 

@@ -4,8 +4,11 @@ rank 0, exact resume, and a failure on the ranks ends the launch with their erro
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 
 from modalign.train.checkpoint import latest_checkpoint
 from modalign.train.loop import read_metrics
+from support.procs import descendants, kill_tree
 
 #: BasicMotions (40 training samples): global batch 8 = 4 per rank, 5 steps per epoch.
 SMALL = ["basicmotions-clip", "train.batch_size=8", "eval.probe=false", "eval.plots=false", "eval.report=false"]
@@ -28,11 +32,27 @@ pytestmark = [
 ]
 
 
-def torchrun(args: list[str], data_root: Path) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone --nproc_per_node 2 -m modalign train ...`` (the real entry point)."""
+def torchrun(args: list[str], data_root: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 -m modalign train ...`` (the real entry point).
+
+    A launch still running after ``timeout_s`` (these take well under a minute) fails the test
+    with every rank's stack: the ranks get SIGUSR1 (``modalign``'s CLI dumps all threads' stacks
+    on it), then torchrun and the ranks are killed.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "modalign"]
     cmd += ["train", *args, "--data-root", str(data_root)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        ranks = descendants(proc.pid)  # torchrun starts each rank in a session of its own
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout_s} s; stacks and output of the ranks:\n{err[-20000:]}\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def weights(run: Path) -> dict[str, object]:

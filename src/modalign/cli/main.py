@@ -7,7 +7,9 @@ printed as one ``error: ...`` line with exit status 2 (no traceback).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -312,4 +314,6 @@ def main() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if sys.stderr.isatty():
         set_download_progress(_download_bar)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: where a hung rank waits
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     app()
