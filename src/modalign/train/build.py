@@ -20,6 +20,7 @@ from modalign.core.registry import create, lookup
 from modalign.core.types import ModalitySpec
 from modalign.data.base import MultimodalDataset
 from modalign.data.collate import Collator
+from modalign.data.pairing import PairingView
 from modalign.data.raw import InputView, ModalityInput
 from modalign.data.shards import ShardIndex, ShardStream, read_index, write_shards
 from modalign.encoders.feature_cache import cached_input, encoder_input
@@ -31,6 +32,7 @@ from modalign.train.recipe import (
     FUSION_PROVIDED,
     HEAD_PROVIDED,
     Recipe,
+    data_pairing,
     expand_method,
 )
 
@@ -41,19 +43,35 @@ def build_dataset(
     data_root: str | None = None,
     artifacts: dict[str, str] | None = None,
     augment: bool | None = None,
+    pairing: bool = True,
 ) -> MultimodalDataset:
-    """Create the recipe's dataset for ``split``; ``data_root`` overrides ``data.root``."""
-    name, kwargs = check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
+    """Create the recipe's dataset for ``split``; ``data_root`` overrides ``data.root``.
+
+    The pairing keys (``data.paired_fraction``, ``data.pair_noise``, ``data.paired_per_batch``)
+    never reach the dataset's constructor: when one is set, the train split is wrapped in a
+    ``PairingView`` (seeded by ``train.seed``), inside any ``InputView``; other splits are not,
+    nor the train split with ``pairing=False`` (evaluation: probes fit on true pairs and labels).
+    """
+    mapping, keys = data_pairing(recipe.data)
+    name, kwargs = check_component("dataset", mapping, "data", DATASET_PROVIDED)
     if data_root is not None:
         kwargs["root"] = data_root
     dataset: MultimodalDataset = create(
         "dataset", name, split=split, seed=recipe.train.seed, augment=augment, artifacts=artifacts, **kwargs
     )
+    if split == "train" and keys.active and pairing:
+        dataset = PairingView(
+            dataset,
+            keys.paired_fraction,
+            keys.pair_noise,
+            seed=recipe.train.seed,
+            paired_per_batch=keys.paired_per_batch,
+        )
     return with_encoder_inputs(recipe, dataset)
 
 
 def build_train_split(
-    recipe: Recipe, artifacts: dict[str, str] | None = None, augment: bool | None = None
+    recipe: Recipe, artifacts: dict[str, str] | None = None, augment: bool | None = None, pairing: bool = True
 ) -> MultimodalDataset | ShardStream:
     """The training split: a stream of the shards of ``train.shards`` if set, else ``build_dataset(..., "train")``.
 
@@ -61,7 +79,7 @@ def build_train_split(
     """
     if recipe.train.shards is not None:
         return ShardStream(read_index(recipe.train.shards), recipe.train.shuffle_buffer)
-    return build_dataset(recipe, "train", artifacts=artifacts, augment=augment)
+    return build_dataset(recipe, "train", artifacts=artifacts, augment=augment, pairing=pairing)
 
 
 def write_recipe_shards(recipe: Recipe, out: Path, split: str = "train", shard_size: int = 1000) -> ShardIndex:
@@ -185,13 +203,23 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     sampler: Sampler[int] | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader[Any]:
     """A ``DataLoader`` collating into ``Batch``; shuffling (and workers' seeds) are seeded by ``seed``.
 
     ``sampler`` (e.g. a rank's share under data parallelism) replaces the sequential or shuffled
-    order; ``shuffle`` must then be ``False``.
+    order; ``shuffle`` must then be ``False``. ``batch_sampler`` yields whole batches of indices
+    (``batch_size``, ``shuffle``, ``drop_last`` and ``sampler`` are then unused).
     """
     generator = torch.Generator().manual_seed(seed)
+    if batch_sampler is not None:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            collate_fn=Collator(dataset.modalities),
+            generator=generator,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -54,6 +54,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from modalign.core.errors import CheckpointError, ConfigError, TrainingError
 from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
+from modalign.data.pairing import MixedBatches, PairingView
 from modalign.data.perturb import drop_modalities
 from modalign.data.shards import ShardStream, StreamEpoch, stream_batches, stream_samples
 from modalign.distributed import rank, world_size
@@ -286,7 +287,14 @@ class Trainer:
             self.step_module = wrap_fsdp(TrainingStep(self.method), self.method, self.world, device)
         self.stream = dataset if isinstance(dataset, ShardStream) else None
         self._check_stream()
-        if self.stream is None:
+        self.mixed = mixed_pairing(dataset)
+        if self.mixed is not None and self.world > 1:
+            raise ConfigError(
+                "data.paired_per_batch", "mixed paired/unimodal batches run in one process so far; null under torchrun"
+            )
+        if self.mixed is not None:
+            self.steps_per_epoch = len(self._mixed_batches(0))
+        elif self.stream is None:
             self.steps_per_epoch = len(dataset) // cfg.batch_size
         else:  # every rank takes the steps its smallest possible share of the shards allows
             self.steps_per_epoch = self.stream.rank_samples(self.world) // self.local_batch
@@ -441,7 +449,7 @@ class Trainer:
         count, start = 0, time.perf_counter()
         watch = NonfiniteWatch(self.device)
         self.progress.start_epoch(epoch, self.steps_per_epoch)
-        for batch in self._loader(seed, done):
+        for batch in self._loader(seed, done, epoch):
             batch = drop_modalities(batch, self.cfg.modality_dropout).to(self.device)
             out = self._step(batch, epoch)
             if out is None:
@@ -474,15 +482,30 @@ class Trainer:
             "skipped_nonfinite": self.state.skipped_nonfinite,
         }
 
-    def _loader(self, seed: int, done: int = 0) -> Any:
+    def _mixed_batches(self, epoch: int) -> MixedBatches:
+        assert self.mixed is not None
+        return MixedBatches(self.mixed, self.cfg.batch_size, self.mixed.paired_per_batch, self.cfg.seed, epoch)
+
+    def _loader(self, seed: int, done: int = 0, epoch: int = 0) -> Any:
         """The epoch's shuffled batches: the whole batch in one process, this rank's slice of it under DDP.
 
         A stream of shards gives each rank its own batches, from the position after ``done``
-        batches of the epoch.
+        batches of the epoch; ``data.paired_per_batch`` gives batches of that many pairs and
+        the rest unimodal samples (``MixedBatches``).
         """
+        if self.mixed is not None:
+            assert isinstance(self.dataset, MultimodalDataset)
+            return make_loader(
+                self.dataset,
+                self.cfg.batch_size,
+                False,
+                num_workers=self.cfg.num_workers,
+                seed=seed,
+                batch_sampler=self._mixed_batches(epoch),
+            )
         if isinstance(self.dataset, ShardStream):
-            epoch = StreamEpoch(seed, self.rank, self.world, consumed=done * self.local_batch)
-            samples = stream_samples(self.dataset.with_epoch(epoch), self.cfg.num_workers)
+            order = StreamEpoch(seed, self.rank, self.world, consumed=done * self.local_batch)
+            samples = stream_samples(self.dataset.with_epoch(order), self.cfg.num_workers)
             return stream_batches(samples, self.local_batch, self.steps_per_epoch - done, self.dataset.modalities)
         if self.world == 1:
             return make_loader(
@@ -622,6 +645,14 @@ class Trainer:
     def _place(self, batch: Batch, epoch: int) -> StepPlace:
         ids = [int(i) for i in batch.ids.tolist()]
         return StepPlace(self.state.step + 1, self.total_steps, epoch + 1, self.cfg.epochs, ids)
+
+
+def mixed_pairing(dataset: MultimodalDataset | ShardStream) -> PairingView | None:
+    """The ``PairingView`` under ``dataset`` (through ``InputView``s) if it sets ``paired_per_batch``."""
+    inner: Any = dataset
+    while inner is not None and not isinstance(inner, PairingView):
+        inner = getattr(inner, "dataset", None)
+    return inner if isinstance(inner, PairingView) and inner.paired_per_batch is not None else None
 
 
 def resume_error(folder: Path, err: Exception) -> CheckpointError:

@@ -37,6 +37,41 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataPairing(_Section):
+    """Pairing of the training split: keys of ``data`` read out before the dataset is built.
+
+    Every dataset accepts them (``train.build.build_dataset`` wraps the train split in a
+    ``modalign.data.pairing.PairingView``); the test split stays fully paired and clean.
+    """
+
+    paired_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Training split: fraction of the samples that keep their pairing (seeded by train.seed); "
+        "every other sample becomes one unimodal sample per modality it has. The test split stays paired.",
+    )
+    pair_noise: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Training split: fraction of the kept pairs whose second modality (in sorted order) is "
+        "swapped with another noisy pair's, so they are wrong pairs (noisy correspondence); sample ids and "
+        "labels are unchanged.",
+    )
+    paired_per_batch: int | None = Field(
+        None,
+        ge=0,
+        description="Kept pairs in every training batch, the rest unimodal samples "
+        "(modalign.data.pairing.MixedBatches); null = plain shuffling. One process only for now.",
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether any key differs from its default (the train split is then wrapped)."""
+        return self.paired_fraction < 1.0 or self.pair_noise > 0.0 or self.paired_per_batch is not None
+
+
 class ModelConfig(_Section):
     """Towers, heads and fusion."""
 
@@ -197,6 +232,41 @@ def _allowed_keys(parent: list[str]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def data_pairing(data: dict[str, Any]) -> tuple[dict[str, Any], DataPairing]:
+    """Split a recipe's ``data`` mapping into the dataset's own mapping and its pairing keys.
+
+    Raises:
+        ConfigError: At ``data.<key>`` for an invalid pairing value.
+    """
+    keys = DataPairing.model_fields
+    try:
+        pairing = DataPairing.model_validate({k: v for k, v in data.items() if k in keys})
+    except pydantic.ValidationError as e:
+        raise _pydantic_error(e).under("data") from None
+    return {k: v for k, v in data.items() if k not in keys}, pairing
+
+
+def check_pairing(recipe: Recipe, pairing: DataPairing) -> None:
+    """Check the pairing keys against the rest of the recipe.
+
+    Raises:
+        ConfigError: ``data.paired_per_batch`` above ``train.batch_size``, or pairing keys with
+            ``train.shards`` (a stream is not re-paired: write the shards from a paired recipe).
+    """
+    if pairing.paired_per_batch is not None and pairing.paired_per_batch > recipe.train.batch_size:
+        raise ConfigError(
+            "data.paired_per_batch",
+            f"must be at most train.batch_size = {recipe.train.batch_size}, got {pairing.paired_per_batch}",
+        )
+    if pairing.active and recipe.train.shards is not None:
+        key = next(f"data.{k}" for k, f in DataPairing.model_fields.items() if getattr(pairing, k) != f.default)
+        raise ConfigError(
+            key,
+            "applies to the `data` training split, not to train.shards; write shards of a paired split "
+            "(`modalign shards build` with this key) and stream those without it",
+        )
+
+
 def running_version() -> str:
     """``major.minor`` of the installed modalign (what resolved configs record)."""
     from modalign import __version__
@@ -253,7 +323,9 @@ def validate_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
         recipe = Recipe.model_validate(tree)
     except pydantic.ValidationError as e:
         raise _pydantic_error(e) from None
-    check_component("dataset", recipe.data, "data", DATASET_PROVIDED)
+    dataset, pairing = data_pairing(recipe.data)
+    check_component("dataset", dataset, "data", DATASET_PROVIDED)
+    check_pairing(recipe, pairing)
     expand_method(recipe.method)
     check_component("fusion", recipe.model.fusion, "model.fusion", FUSION_PROVIDED)
     check_component("head", recipe.model.head, "model.head", HEAD_PROVIDED)
@@ -330,6 +402,8 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
         type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
         lines.append(f"{prefix}{name} ({type_name}, {default}): {info.description or ''}")
+        if model is Recipe and name == "data":
+            lines.extend(describe_keys(DataPairing, f"{prefix}data."))
     return lines
 
 

@@ -236,7 +236,7 @@ def evaluate_method(recipe: Recipe, method: Method, run_dir: Path, device: torch
     test_all = embed_split(recipe, method, test_ds, device, fused=True)
     train_all = None
     if recipe.eval.probe and recipe.eval.label is not None:
-        train_ds = build_train_split(recipe, artifacts=artifacts, augment=False)
+        train_ds = build_train_split(recipe, artifacts=artifacts, augment=False, pairing=False)
         train_all = embed_split(recipe, method, train_ds, device, fused=True)
     options: dict[str, Any] = {
         "chunk_size": recipe.eval.chunk_size,
