@@ -2,8 +2,8 @@
 
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
-fusion module), and the families
-added by the modules imported below.
+fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
+``filip``, ``ot_tokens``, ``soft_dtw``), and the families added by the modules imported below.
 """
 
 from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
@@ -19,10 +19,30 @@ from modalign.objectives.momentum import MoCo, queue_infonce_loss
 from modalign.objectives.multiview import MultiView, multiview_pairs
 from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
+from modalign.objectives.token_alignment import (
+    FILIP,
+    OTTokens,
+    SoftDTW,
+    filip_loss,
+    ot_token_loss,
+    ot_token_plan,
+    soft_dtw_loss,
+)
+from modalign.objectives.unaligned import (
+    MILNCE,
+    SoftInfoNCE,
+    WeightedInfoNCE,
+    agreement_weights,
+    milnce_loss,
+    soft_infonce_loss,
+    weighted_infonce_loss,
+)
 
 __all__ = [
     "DCL",
+    "FILIP",
     "GMC",
+    "MILNCE",
     "XDC",
     "AudioVisualCorrespondence",
     "BarlowTwins",
@@ -35,26 +55,38 @@ __all__ = [
     "MoCo",
     "MultiMAE",
     "MultiView",
+    "OTTokens",
     "SeLaVi",
     "SigmoidLoss",
+    "SoftDTW",
+    "SoftInfoNCE",
     "VICReg",
+    "WeightedInfoNCE",
+    "agreement_weights",
     "avc_loss",
     "barlow_twins_loss",
     "caption_loss",
     "data2vec_targets",
     "dcl_loss",
     "ema_update",
+    "filip_loss",
     "greedy_decode",
     "infonce_loss",
     "itm_loss",
     "masked_regression_loss",
     "masked_token_loss",
+    "milnce_loss",
     "multiview_pairs",
     "nt_xent_loss",
+    "ot_token_loss",
+    "ot_token_plan",
     "queue_infonce_loss",
     "random_mask",
     "sigmoid_loss",
+    "soft_dtw_loss",
+    "soft_infonce_loss",
     "swapped_prediction_loss",
     "vicreg_loss",
+    "weighted_infonce_loss",
     "xdc_loss",
 ]
