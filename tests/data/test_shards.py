@@ -121,38 +121,43 @@ def test_an_epoch_gives_every_sample_once_over_ranks_and_workers(shards: Path, w
     assert other != again
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_stream_resumed_at_any_position_continues_exactly(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "chunk"), [(0, 1), (2, 1), (2, 3), (2, 32)])
+def test_a_stream_resumed_at_any_position_continues_exactly(tmp_path: Path, workers: int, chunk: int) -> None:
     index = write_shards(Toy(45), tmp_path, shard_size=4)  # 12 shards, the last of 1: workers run out unevenly
     stream = ShardStream(index, shuffle_buffer=5)
     epoch = StreamEpoch(seed=3, rank=1, world=2)
-    full = ids(stream_samples(stream.with_epoch(epoch), workers))
-    for consumed in (0, 1, 5, 11, len(full) - 1, len(full)):
+    full = ids(stream_samples(stream.with_epoch(epoch), workers, chunk))
+    for consumed in (0, 1, 2, 5, 11, len(full) - 1, len(full)):
         rest = stream.with_epoch(StreamEpoch(seed=3, rank=1, world=2, consumed=consumed))
-        assert ids(stream_samples(rest, workers)) == full[consumed:], consumed
+        assert ids(stream_samples(rest, workers, chunk)) == full[consumed:], consumed
 
 
-class Counted(IterableDataset[tuple[int, int]]):
-    def __init__(self, counts: list[int]) -> None:
-        self.counts = counts
+class Counted(IterableDataset[list[tuple[int, int]]]):
+    """Worker ``w`` hands over ``(w, k)`` for its ``counts[w]`` samples, ``chunk`` at a time."""
+
+    def __init__(self, counts: list[int], chunk: int) -> None:
+        self.counts, self.chunk = counts, chunk
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         info = get_worker_info()
         assert info is not None
-        return ((info.id, k) for k in range(self.counts[info.id]))
+        n = self.counts[info.id]
+        return ([(info.id, k) for k in range(s, min(s + self.chunk, n))] for s in range(0, n, self.chunk))
 
 
-@pytest.mark.parametrize("counts", [[1, 3], [5, 2, 7], [0, 4], [3, 3, 1], [4, 0, 2]])
-def test_interleave_skips_follow_the_real_dataloader(counts: list[int]) -> None:
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize("counts", [[1, 3], [5, 2, 7], [0, 4], [3, 3, 1], [4, 0, 2], [8, 8]])
+def test_interleave_skips_follow_the_real_dataloader(counts: list[int], chunk: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # more workers than this machine's cores
-        order = list(DataLoader(Counted(counts), batch_size=None, num_workers=len(counts)))
-    order = [(int(w), int(k)) for w, k in order]
+        chunks = list(DataLoader(Counted(counts, chunk), batch_size=None, num_workers=len(counts)))
+    order = [(int(w), int(k)) for c in chunks for w, k in c]
     for consumed in range(sum(counts) + 1):
         prefix = order[:consumed]
-        assert interleave_skips(counts, consumed) == [sum(w == j for w, _ in prefix) for j in range(len(counts))]
+        want = [sum(w == j for w, _ in prefix) for j in range(len(counts))]
+        assert interleave_skips(counts, consumed, chunk) == want, consumed
     with pytest.raises(ValueError):
-        interleave_skips(counts, sum(counts) + 1)
+        interleave_skips(counts, sum(counts) + 1, chunk)
 
 
 def test_rank_samples_is_the_fewest_any_rank_gets() -> None:

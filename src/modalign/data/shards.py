@@ -25,9 +25,9 @@ seed, the rank and the worker, never of time or of a global RNG:
    ``r, r + W, ...``; its worker ``w`` of ``K`` takes every ``K``-th of those;
 2. each worker streams its shards through a shuffle buffer (``shuffle_buffer`` samples, a
    ``random.Random`` seeded by ``(epoch seed, rank, worker)``), undecoded;
-3. the DataLoader hands samples to the main process round-robin over the workers that still
-   have samples (``interleave_skips`` models this; a test pins it to the real DataLoader), where
-   they are batched.
+3. each worker hands over chunks of ``CHUNK`` samples; the DataLoader passes them to the main
+   process round-robin over the workers that still have samples (``interleave_skips`` models
+   this; a test pins it to the real DataLoader), where they are batched.
 
 So the position of a rank's stream is one number, the samples it has consumed in the epoch. A
 resumed stream recomputes the order and lets each worker drop, before decoding, the samples of
@@ -283,33 +283,31 @@ def rank_samples(counts: list[int], world: int) -> int:
     return sum(sorted(counts)[: len(counts) // world])
 
 
-def interleave_skips(counts: list[int], consumed: int) -> list[int]:
+def interleave_skips(counts: list[int], consumed: int, chunk: int = 1) -> list[int]:
     """How many samples of each worker the first ``consumed`` samples of the round-robin hold.
 
-    The DataLoader takes one sample from each worker in turn (worker 0 first), passing over
-    workers that have run out: with counts ``[1, 3]`` the order is ``w0, w1, w1, w1``.
+    Each worker hands over its samples in chunks of ``chunk`` (its last chunk may be shorter);
+    the DataLoader takes one chunk from each worker in turn (worker 0 first), passing over
+    workers that have run out: with counts ``[1, 3]`` and ``chunk=1`` the order is
+    ``w0, w1, w1, w1``; with ``chunk=2`` it is ``w0 | w1 w1 | w1``.
 
     Raises:
-        ValueError: ``consumed`` exceeds the samples of all workers.
+        ValueError: ``consumed`` exceeds the samples of all workers, or ``chunk < 1``.
     """
-    if consumed > sum(counts):
-        raise ValueError(f"{consumed} samples consumed but the workers hold {sum(counts)}")
+    if consumed > sum(counts) or chunk < 1:
+        raise ValueError(f"{consumed} samples consumed but the workers hold {sum(counts)} (chunk {chunk})")
     skips = [0] * len(counts)
-    level, left = 0, consumed
+    left = consumed
+    whole = min(left // (chunk * len(counts)), min(counts) // chunk) if counts else 0
+    skips = [whole * chunk] * len(counts)  # rounds where every worker gives a full chunk
+    left -= whole * chunk * len(counts)
     while left > 0:
-        active = [w for w, c in enumerate(counts) if c > level]
-        top = min(counts[w] for w in active)
-        rounds = top - level
-        if left >= rounds * len(active):
-            for w in active:
-                skips[w] += rounds
-            left -= rounds * len(active)
-            level = top
-            continue
-        whole, extra = divmod(left, len(active))
-        for j, w in enumerate(active):
-            skips[w] += whole + (1 if j < extra else 0)
-        left = 0
+        for w, c in enumerate(counts):
+            take = min(chunk, c - skips[w], left)
+            skips[w] += max(take, 0)
+            left -= max(take, 0)
+            if left == 0:
+                break
     return skips
 
 
@@ -352,18 +350,26 @@ class ShardStream(IterableDataset[Sample | None]):
     Args:
         index: The shards (``read_index``).
         shuffle_buffer: Samples held by each worker's shuffle buffer.
-
         epoch: The order to iterate and the position to start from (default: one unshuffled pass).
+        chunk: Samples per hand-over from a DataLoader worker (``stream_samples`` groups them);
+            the resume position depends on it.
     """
 
-    def __init__(self, index: ShardIndex, shuffle_buffer: int = 1000, epoch: StreamEpoch | None = None) -> None:
+    def __init__(
+        self, index: ShardIndex, shuffle_buffer: int = 1000, epoch: StreamEpoch | None = None, chunk: int = 1
+    ) -> None:
         self.index = index
         self.shuffle_buffer = shuffle_buffer
         self.epoch = epoch or StreamEpoch()
+        self.chunk = chunk
 
     def with_epoch(self, epoch: StreamEpoch) -> ShardStream:
         """A copy of this stream iterating ``epoch`` (``StreamEpoch()``: one unshuffled pass)."""
-        return ShardStream(self.index, self.shuffle_buffer, epoch)
+        return ShardStream(self.index, self.shuffle_buffer, epoch, self.chunk)
+
+    def with_chunk(self, chunk: int) -> ShardStream:
+        """A copy of this stream whose workers hand over ``chunk`` samples at a time."""
+        return ShardStream(self.index, self.shuffle_buffer, self.epoch, chunk)
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
@@ -397,16 +403,25 @@ class ShardStream(IterableDataset[Sample | None]):
         return [self.index.shards[i] for i in mine[worker::workers]]
 
     def __iter__(self) -> Iterator[Sample | None]:
+        for entry in self.entries():
+            yield None if entry is None else self.decode(entry)
+
+    def entries(self) -> Iterator[dict[str, Any] | None]:
+        """This worker's undecoded entries of the epoch; the ones already consumed are ``None``.
+
+        Consumed samples stay in the stream as placeholders, so the chunks and the round-robin
+        are those of the uninterrupted epoch (see ``stream_samples``).
+        """
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         counts = [sum(s.count for s in self.worker_shards(w, workers)) for w in range(workers)]
-        skip = interleave_skips(counts, self.epoch.consumed)[worker]
+        skip = interleave_skips(counts, self.epoch.consumed, self.chunk)[worker]
         raw = self._raw(self.worker_shards(worker, workers))
         if self.epoch.seed is not None:
             rng = random.Random(stream_seed(self.epoch.seed, self.epoch.rank, worker))
             raw = shuffled(raw, self.shuffle_buffer, rng)
-        for n, entry in enumerate(raw):  # consumed samples stay in the stream as undecoded placeholders
-            yield None if n < skip else self.decode(entry)
+        for n, entry in enumerate(raw):
+            yield None if n < skip else entry
 
     def _raw(self, shards: list[ShardInfo]) -> Iterator[dict[str, Any]]:
         """The undecoded samples of ``shards`` in order; a shard that cannot be read raises ``DataError``."""
@@ -449,31 +464,52 @@ class ShardStream(IterableDataset[Sample | None]):
         )
 
 
-#: Samples each DataLoader worker keeps ready (samples travel one by one from the workers).
-PREFETCH = 64
+#: Samples a DataLoader worker hands over at once (one inter-process transfer each).
+CHUNK = 32
+#: Chunks each DataLoader worker keeps ready.
+PREFETCH = 4
 
 
 def _identity(sample: Any) -> Any:
     return sample
 
 
-def stream_samples(stream: ShardStream, num_workers: int) -> Iterator[Sample]:
+class _Chunks(IterableDataset[list[dict[str, Any] | None]]):
+    """``stream``'s undecoded entries in lists of ``stream.chunk``, formed inside each worker.
+
+    Workers send the entries' bytes, which pickle cheaply; the main process decodes them (an
+    ``.npy`` read each), which is cheaper than passing tensors between processes.
+    """
+
+    def __init__(self, stream: ShardStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[list[dict[str, Any] | None]]:
+        source = self.stream.entries()
+        while chunk := list(islice(source, self.stream.chunk)):
+            yield chunk
+
+
+def stream_samples(stream: ShardStream, num_workers: int, chunk: int = CHUNK) -> Iterator[Sample]:
     """``stream``'s samples from ``num_workers`` DataLoader workers, from its epoch's ``consumed`` position.
 
-    Samples travel one by one; batching happens in the main process (``stream_batches``), so no
-    worker drops a partial batch of its own. Each worker replaces the samples of its own that
-    the first ``consumed`` of the round-robin held by a placeholder, undecoded; the workers
-    thus deliver exactly the counts of an uninterrupted epoch, the DataLoader interleaves them
-    as it did then, and the first ``consumed`` items here are exactly the placeholders (checked).
-    The loader has its own generator: creating it draws nothing from the global torch RNG,
-    which a resumed run restores exactly.
+    Workers hand over ``chunk`` undecoded samples at a time (one inter-process transfer per
+    chunk, of bytes, not tensors); the main process decodes them, and batches them
+    (``stream_batches``), so no worker drops a partial batch of its own. Each worker replaces
+    the samples of its own that the first ``consumed`` of the round-robin held by a
+    placeholder, undecoded; the workers thus deliver
+    exactly the chunks of an uninterrupted epoch, the DataLoader interleaves them as it did then,
+    and the first ``consumed`` items here are exactly the placeholders (checked). The loader has
+    its own generator: creating it draws nothing from the global torch RNG, which a resumed run
+    restores exactly.
 
     Raises:
         DataError: A placeholder where a sample was due (the DataLoader's order is not the one
             ``interleave_skips`` models).
     """
-    loader: DataLoader[Sample | None] = DataLoader(
-        stream,
+    chunked = stream.with_chunk(chunk if num_workers else 1)
+    loader: DataLoader[list[dict[str, Any] | None]] = DataLoader(
+        _Chunks(chunked),
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_identity,
@@ -482,15 +518,18 @@ def stream_samples(stream: ShardStream, num_workers: int) -> Iterator[Sample]:
         generator=torch.Generator().manual_seed(0),
     )
     consumed = stream.epoch.consumed
-    for n, sample in enumerate(loader):
-        if (sample is None) != (n < consumed):
-            raise DataError(
-                f"stream position {consumed}: item {n} of the resumed stream is "
-                f"{'a skipped placeholder' if sample is None else 'a sample'}; the DataLoader did not interleave "
-                "its workers round-robin"
-            )
-        if sample is not None:
-            yield sample
+    n = 0
+    for items in loader:
+        for entry in items:
+            if (entry is None) != (n < consumed):
+                raise DataError(
+                    f"stream position {consumed}: item {n} of the resumed stream is "
+                    f"{'a skipped placeholder' if entry is None else 'a sample'}; the DataLoader did not "
+                    "interleave its workers round-robin"
+                )
+            n += 1
+            if entry is not None:
+                yield stream.decode(entry)
 
 
 def stream_batches(
