@@ -56,7 +56,7 @@ from modalign.core.types import Batch, EpochContext, LossOutput, StepContext
 from modalign.data.base import MultimodalDataset
 from modalign.data.pairing import MixedBatches, PairingView
 from modalign.data.perturb import drop_modalities
-from modalign.data.shards import ShardStream, StreamEpoch, stream_batches, stream_samples
+from modalign.data.shards import CHUNK, ShardStream, StreamEpoch, stream_batches, stream_samples
 from modalign.distributed import rank, world_size
 from modalign.methods.base import Method
 from modalign.train.build import make_loader
@@ -156,14 +156,16 @@ class MidEpoch:
         batches: Batches of the epoch already trained on (each rank's stream consumed
             ``batches x`` its local batch).
         loss_sum: Sum of those batches' losses (averaged over ranks), for the epoch's mean.
-        world: Ranks that wrote it. workers: ``train.num_workers`` it was written with; the
-            stream's order depends on both, so a resume must use the same.
+        world: Ranks that wrote it. workers: ``train.num_workers`` it was written with.
+            chunk: Samples per worker hand-over (``data.shards.CHUNK`` then). The stream's
+            order depends on all three, so a resume must use the same.
     """
 
     batches: int
     loss_sum: float
     world: int
     workers: int
+    chunk: int = CHUNK
 
 
 class MetricsLog:
@@ -368,6 +370,11 @@ class Trainer:
                     f"checkpoint {folder} was written inside an epoch by {self.mid.world} rank(s) with "
                     f"train.num_workers={self.mid.workers}; the stream's order depends on both, so resume with the "
                     f"same (now {self.world} rank(s), {self.cfg.num_workers} workers)"
+                )
+            if self.mid.chunk != CHUNK:
+                raise CheckpointError(
+                    f"checkpoint {folder} was written inside an epoch by a modalign whose workers handed over "
+                    f"{self.mid.chunk} samples at a time (now {CHUNK}); resume from an epoch-end checkpoint"
                 )
             rng = state["rng_ranks"][self.rank]  # each rank continues its own random stream
         random.setstate(rng["python"])
