@@ -177,6 +177,21 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(precisi
     assert len(calls) == 3  # no recomputation outside training
 
 
+def test_recomputed_blocks_keep_no_autocast_weight_casts() -> None:
+    """Under bf16 autocast the recomputed blocks run with the cast cache off (forward and recompute)."""
+    model = Transformer(16, depth=3, heads=2, checkpoint=True).train()
+    seen: list[tuple[int, bool]] = []
+    for i, block in enumerate(model.blocks):
+        mlp_forward = block.mlp.forward
+        block.mlp.forward = lambda h, _f=mlp_forward, _i=i: (  # type: ignore[method-assign]
+            seen.append((_i, torch.is_autocast_cache_enabled())) or _f(h)
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(2, 5, 16, requires_grad=True))
+    y.float().sum().backward()
+    assert seen == [(0, False), (1, False), (2, True), (1, False), (0, False)]  # the last block is not recomputed
+
+
 def test_transformer_encoders_take_checkpoint() -> None:
     from modalign.core import create
 

@@ -233,7 +233,9 @@ class Transformer(nn.Module):
     recomputes the block in the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG
     state preserved so dropout masks repeat): activation memory of about two blocks instead of
     ``depth``, for one more forward pass of all blocks but the last (whose backward runs first,
-    so recomputing it would free nothing). Evaluation and ``no_grad`` passes are unaffected.
+    so recomputing it would free nothing). Under autocast the recomputed blocks do not cache
+    their weights' low-precision casts (``_without_cast_cache``). Evaluation and ``no_grad``
+    passes are unaffected.
     """
 
     def __init__(
@@ -257,10 +259,25 @@ class Transformer(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if recompute and i < last:  # the last block's backward comes first: recomputing it saves nothing
-                x = activation_checkpoint(block, x, padding, use_reentrant=False)
+                x = activation_checkpoint(_without_cast_cache, block, x, padding, use_reentrant=False)
             else:
                 x = block(x, padding)
         return self.norm(x)
+
+
+def _without_cast_cache(block: nn.Module, x: Tensor, padding: Tensor | None) -> Tensor:
+    """``block(x, padding)`` with autocast's weight-cast cache off (a no-op without autocast).
+
+    Autocast keeps the low-precision copy of every weight it casts until the outermost autocast
+    region exits; a recomputed block casts its weights again in the backward pass anyway, so
+    caching them through the forward pass only holds ``2 bytes x parameters`` for nothing.
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return block(x, padding)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, dtype=dtype, cache_enabled=False):
+        return block(x, padding)
 
 
 class SinusoidalPositions(nn.Module):
