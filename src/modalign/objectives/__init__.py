@@ -3,7 +3,8 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``filip``, ``ot_tokens``, ``soft_dtw``), and the families added by the modules imported below.
+``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), and the families added by the modules
+imported below.
 """
 
 from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
@@ -18,6 +19,7 @@ from modalign.objectives.matching import AudioVisualCorrespondence, ImageTextMat
 from modalign.objectives.momentum import MoCo, queue_infonce_loss
 from modalign.objectives.multiview import MultiView, multiview_pairs
 from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
+from modalign.objectives.pseudo_pairs import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
 from modalign.objectives.token_alignment import (
     FILIP,
@@ -56,6 +58,7 @@ __all__ = [
     "MultiMAE",
     "MultiView",
     "OTTokens",
+    "PseudoPairs",
     "SeLaVi",
     "SigmoidLoss",
     "SoftDTW",
@@ -76,10 +79,13 @@ __all__ = [
     "masked_regression_loss",
     "masked_token_loss",
     "milnce_loss",
+    "mine_mnn",
+    "mine_ot",
     "multiview_pairs",
     "nt_xent_loss",
     "ot_token_loss",
     "ot_token_plan",
+    "pseudo_pair_loss",
     "queue_infonce_loss",
     "random_mask",
     "sigmoid_loss",

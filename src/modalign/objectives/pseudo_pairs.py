@@ -1,0 +1,477 @@
+"""Pseudo-pair mining for mix-paired data: match the unimodal pools by their current embeddings.
+
+A mix-paired training split (``data.paired_fraction < 1``, ``modalign.data.pairing``) holds a few
+pairs and many unimodal samples: rows holding ``a`` only and rows holding ``b`` only, whose true
+partners are somewhere in the other pool but unknown. ``PseudoPairs`` pairs the two pools at
+epoch starts from the current embeddings and trains on the confident pairs, as pseudo-labelling
+does for classes (Lee 2013, "Pseudo-Label", ICML workshop; a confidence threshold as in FixMatch,
+Sohn et al. 2020):
+
+* ``mine_mnn``: mutual nearest neighbours by CSLS (Conneau et al. 2018, "Word Translation Without
+  Parallel Data", ICLR; ``modalign.alignment.mutual_neighbours``), kept when their cosine is at
+  least the threshold.
+* ``mine_ot``: an entropic optimal-transport plan between the pools (Cuturi 2013, "Sinkhorn
+  Distances"; ``modalign.alignment.sinkhorn``) on the cost ``1 - cosine``; ``(i, j)`` is kept when
+  each is the other's largest entry of the plan and ``i``'s row, normalised to sum 1, puts at
+  least the threshold on ``j``. S-CLIP (Mo et al. 2023, "Semi-supervised Vision-Language Learning
+  using Few Specialist Captions", NeurIPS) uses optimal transport for pseudo-labels too, but
+  transports unpaired images onto the paired ones; here the two unimodal pools are matched to
+  each other.
+* ``pseudo_pair_terms`` / ``pseudo_pair_loss``: InfoNCE of each unimodal row against its mined
+  partner's embedding (a fixed target from the mining pass) among a bank of the other pool's
+  embeddings (fixed negatives).
+
+Memory: the pass holds ``N x E`` per modality (``embed_training_split``); ``mnn`` works in row
+blocks, ``ot`` builds the dense ``N_a x N_b`` plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modalign.alignment import mutual_neighbours, sinkhorn
+from modalign.core.errors import ConfigError
+from modalign.core.registry import register
+from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
+from modalign.distributed import all_gather_sizes, is_initialized, world_size
+from modalign.objectives.cluster_tables import PassRows, cluster_seed, content_means, embed_training_split, embed_width
+from modalign.objectives.contrastive import LogitScale, PairObjective
+from modalign.objectives.unaligned import check_arg, scale_of
+
+Matching = Literal["mnn", "ot"]
+MATCHINGS: tuple[str, ...] = ("mnn", "ot")
+
+# ---------------------------------------------------------------------------------------------
+# Mining: plain functions on two pools of embeddings, without gradient.
+
+
+@dataclass
+class MinedPairs:
+    """Index pairs between two pools, one-to-one, with a confidence each.
+
+    Attributes:
+        i: ``LongTensor[P]`` rows of the first pool, increasing.
+        j: ``LongTensor[P]`` their partners in the second pool.
+        confidence: ``Tensor[P]`` cosine (``mnn``) or row-normalised plan mass (``ot``).
+    """
+
+    i: Tensor
+    j: Tensor
+    confidence: Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of pairs ``P``."""
+        return int(self.i.shape[0])
+
+    def where(self, keep: Tensor) -> MinedPairs:
+        """The pairs where ``keep`` (``BoolTensor[P]``) holds."""
+        return MinedPairs(self.i[keep], self.j[keep], self.confidence[keep])
+
+
+def _check_pools(a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"pools must be [N, E] and [M, E] with one E, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _no_pairs(a: Tensor) -> MinedPairs:
+    empty = torch.zeros(0, dtype=torch.long, device=a.device)
+    return MinedPairs(empty, empty, a.new_zeros(0))
+
+
+@torch.no_grad()
+def mine_mnn(a: Tensor, b: Tensor, threshold: float = 0.5, csls_k: int | None = 10) -> MinedPairs:
+    """Mutual nearest neighbours of two pools by CSLS (Conneau et al. 2018), kept above a cosine.
+
+    Args:
+        a: ``Tensor[N, E]`` first pool (compared by cosine).
+        b: ``Tensor[M, E]`` second pool.
+        threshold: Minimum cosine of a kept pair, in ``[-1, 1]``.
+        csls_k: Neighbours of the CSLS hubness correction; ``None`` ranks by plain cosine.
+
+    Returns:
+        The mutual pairs whose cosine is at least ``threshold``; confidence = cosine.
+
+    Raises:
+        ValueError: If the pools are not ``[N, E]`` and ``[M, E]``.
+    """
+    _check_pools(a, b)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return _no_pairs(a)
+    i, j = mutual_neighbours(a, b, csls_k)
+    cosine = (F.normalize(a[i], dim=1) * F.normalize(b[j], dim=1)).sum(dim=1)
+    pairs = MinedPairs(i, j, cosine)
+    return pairs.where(cosine >= threshold)
+
+
+@torch.no_grad()
+def mine_ot(a: Tensor, b: Tensor, threshold: float = 0.5, epsilon: float = 0.02, iterations: int = 100) -> MinedPairs:
+    """Pairs of an entropic OT plan (Cuturi 2013) between two pools, mutual argmax and confident.
+
+    ``P = sinkhorn(1 - cos(a, b))`` with uniform marginals; ``(i, j)`` is kept when
+    ``j = argmax_j P[i, :]``, ``i = argmax_i P[:, j]`` and ``P[i, j] / sum_j P[i, j] >= threshold``.
+    The plan is computed in the dtype of the pools (``float64`` stays, else ``float32``).
+
+    Args:
+        a: ``Tensor[N, E]`` first pool.
+        b: ``Tensor[M, E]`` second pool.
+        threshold: Minimum row-normalised mass of a kept pair, in ``[0, 1]``.
+        epsilon: Entropic regularisation, in units of the cost (``1 - cosine``, in ``[0, 2]``).
+        iterations: Sinkhorn iterations.
+
+    Returns:
+        The kept pairs; confidence = row-normalised mass.
+
+    Raises:
+        ValueError: If the pools are not ``[N, E]`` and ``[M, E]``, or as ``sinkhorn``.
+    """
+    _check_pools(a, b)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return _no_pairs(a)
+    cost = 1.0 - F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    plan = sinkhorn(cost, epsilon=epsilon, iterations=iterations)
+    mass = plan / plan.sum(dim=1, keepdim=True)
+    i = torch.arange(a.shape[0], device=a.device)
+    j = plan.argmax(dim=1)
+    pairs = MinedPairs(i, j, mass[i, j].to(a.dtype))
+    return pairs.where((plan.argmax(dim=0)[j] == i) & (pairs.confidence >= threshold))
+
+
+def most_confident(pairs: MinedPairs, max_pairs: int | None) -> MinedPairs:
+    """At most ``max_pairs`` pairs, the most confident (ties: lower ``i``), by increasing ``i``."""
+    if max_pairs is None or pairs.size <= max_pairs:
+        return pairs
+    order = torch.sort(pairs.confidence, descending=True, stable=True).indices[:max_pairs]
+    keep = torch.zeros(pairs.size, dtype=torch.bool, device=pairs.i.device)
+    keep[order] = True
+    return pairs.where(keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss.
+
+
+def pseudo_pair_terms(
+    queries: Tensor, positives: Tensor, positive_ids: Tensor, bank: Tensor, bank_ids: Tensor, logit_scale: Tensor
+) -> Tensor:
+    """Per-row InfoNCE of queries against their pseudo-partners among a bank of negatives.
+
+    With ``s = exp(logit_scale)``, ``p_i = s q_i . t_i`` and ``n_ik = s q_i . b_k``, row ``i``'s term
+    is ``log(exp(p_i) + sum_{k: bank_ids[k] != positive_ids[i]} exp(n_ik)) - p_i``: the bank
+    entry holding the partner's own content is replaced by the partner (it is the positive, not
+    a negative). Gradient flows into every input that requires it; the module passes fixed
+    targets and bank, so only the queries (and the temperature) learn.
+
+    Args:
+        queries: ``Tensor[N, E]`` current embeddings of the unimodal rows, L2-normalised.
+        positives: ``Tensor[N, E]`` each row's mined partner embedding, L2-normalised.
+        positive_ids: ``LongTensor[N]`` content id of each partner (the other modality's ids).
+        bank: ``Tensor[K, E]`` negatives of the other modality, L2-normalised (``K`` may be 0).
+        bank_ids: ``LongTensor[K]`` their content ids.
+        logit_scale: Scalar tensor, the log of the inverse temperature.
+
+    Returns:
+        ``Tensor[N]`` per-row losses.
+
+    Raises:
+        ValueError: If the shapes do not fit or ``logit_scale`` is not a scalar.
+    """
+    n, e = queries.shape if queries.dim() == 2 else (-1, -1)
+    if n < 0 or positives.shape != queries.shape or positive_ids.shape != (n,):
+        raise ValueError(
+            f"expected queries and positives [N, E] and positive_ids [N], got {tuple(queries.shape)}, "
+            f"{tuple(positives.shape)} and {tuple(positive_ids.shape)}"
+        )
+    if bank.dim() != 2 or bank.shape[1] != e or bank_ids.shape != bank.shape[:1]:
+        raise ValueError(f"expected bank [K, {e}] and bank_ids [K], got {tuple(bank.shape)}, {tuple(bank_ids.shape)}")
+    scale = scale_of(logit_scale)
+    positive = scale * (queries * positives).sum(dim=1)
+    negative = (scale * queries @ bank.T).masked_fill(positive_ids[:, None] == bank_ids[None, :], float("-inf"))
+    return torch.logsumexp(torch.cat([positive[:, None], negative], dim=1), dim=1) - positive
+
+
+def pseudo_pair_loss(
+    queries: Tensor, positives: Tensor, positive_ids: Tensor, bank: Tensor, bank_ids: Tensor, logit_scale: Tensor
+) -> Tensor:
+    """Mean of ``pseudo_pair_terms`` (see there for the shapes).
+
+    Raises:
+        ValueError: As ``pseudo_pair_terms``, or for no query rows.
+    """
+    if queries.shape[0] == 0:
+        raise ValueError("pseudo_pair_loss got no query rows")
+    return pseudo_pair_terms(queries, positives, positive_ids, bank, bank_ids, logit_scale).mean()
+
+
+def mean_over_rows(total: Tensor, n: int, gather: bool) -> Tensor:
+    """``total`` (a sum over ``n`` local rows) as a mean; gathered: ``world_size * total / N_total``.
+
+    With ``gather`` under a process group the mean over ranks is then the mean over every
+    rank's rows (every rank must call it). No row anywhere gives ``0 * total``.
+    """
+    distributed = gather and is_initialized()
+    n_total = sum(all_gather_sizes(n, total.device)) if distributed else n
+    if n_total == 0:
+        return 0.0 * total
+    return total * ((world_size() if distributed else 1) / n_total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pools and tables.
+
+
+@dataclass
+class Pool:
+    """The rows of one pass holding one modality without the other, one per content.
+
+    Attributes:
+        ids: ``LongTensor[N]`` content ids of that modality, increasing.
+        embeddings: ``Tensor[N, E]`` mean embedding of each content, L2-normalised.
+    """
+
+    ids: Tensor
+    embeddings: Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of contents ``N``."""
+        return int(self.ids.shape[0])
+
+
+def unimodal_pool(rows: PassRows, modality: str, other: str) -> Pool:
+    """The contents of ``modality`` in pass rows where ``other`` is absent (``content_means``)."""
+    keep = rows.present[modality] & ~rows.present[other]
+    ids, means = content_means(rows.content[modality][keep], rows.embeddings[modality][keep])
+    return Pool(ids, F.normalize(means, dim=1))
+
+
+def find_ids(ids: Tensor, table_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Where content ``ids [N]`` sit in ``table_ids [M]`` (increasing): ``(found [N], index [N])``.
+
+    ``index`` is meaningful only where ``found``.
+    """
+    if table_ids.numel() == 0:
+        return torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids)
+    index = torch.searchsorted(table_ids, ids).clamp_max(table_ids.shape[0] - 1)
+    return table_ids[index] == ids, index
+
+
+def bank_rows(size: int, cap: int | None, seed: int, device: torch.device) -> Tensor:
+    """``LongTensor[min(size, cap)]``: all rows, or a seeded random subset of ``cap`` rows, increasing."""
+    if cap is None or size <= cap:
+        return torch.arange(size, device=device)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=g)[:cap].sort().values.to(device)
+
+
+#: Buffers whose size is set by mining; ``load_state_dict`` resizes them to the checkpoint's.
+TABLES = ("pair_ids", "pair_embeddings", "pair_confidence", "bank_a", "bank_a_ids", "bank_b", "bank_b_ids")
+
+
+def _resize_tables(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: give each mining table the shape it has in ``state_dict``."""
+    for name in TABLES:
+        incoming = state_dict.get(prefix + name)
+        if incoming is not None:
+            setattr(module, name, getattr(module, name).new_empty(incoming.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# The module.
+
+
+@register("objective", "pseudo_pairs")
+class PseudoPairs(PairObjective):
+    """Pseudo-pairs mined between the unimodal pools, refreshed at epoch starts (see the module docstring).
+
+    At the epoch starts of mining (``warmup_epochs``, then every ``refresh_every`` epochs) the
+    training split is embedded once (``embed_training_split``: eval mode, no gradient); the rows
+    holding ``a`` without ``b`` form the a-pool and the rows holding ``b`` without ``a`` the
+    b-pool, each averaged per content id (``Batch.ids_of``) and normalised. The pools are matched
+    (``mine_mnn`` or ``mine_ot``), at most ``max_pairs`` of the most confident pairs are kept,
+    and the tables below are stored. During the epochs that follow, each batch row holding ``a``
+    without ``b`` whose content has a partner is a query: ``pseudo_pair_terms`` against the
+    partner's stored embedding, with the stored b-pool as negatives (the bank); symmetrically
+    for ``b`` rows. The loss is the mean over the queries of both directions; with none (or
+    before the first mining) it is a zero connected to the graph. Labels are never read.
+
+    Pair it with a paired objective (``infonce`` on the kept pairs): the pools are matched in
+    the shared space that objective aligns, and the first mining waits ``warmup_epochs``.
+
+    State: the tables are buffers (``pair_ids [2, P]`` content ids of a and b, sorted by a;
+    ``pair_embeddings [2, P, E]`` their embeddings from the mining pass; ``pair_confidence [P]``;
+    ``bank_a [K_a, E]``/``bank_a_ids [K_a]`` and ``bank_b``/``bank_b_ids``, the pools or a seeded
+    subset of ``bank_size``), so a resumed run between refreshes trains on the same tables;
+    ``load_state_dict`` resizes them to the checkpoint's. At a mining epoch they are recomputed
+    from the weights, deterministically (the bank subset is seeded by ``seed`` and the epoch).
+
+    Data parallel: with ``gather`` (set by the trainer) every rank embeds its shard of the split
+    and the rows of all ranks are gathered, so every rank mines the same tables; the loss is
+    averaged over the queries of every rank (``mean_over_rows``). Targets and bank are
+    constants, so nothing else crosses ranks. Runs under gradient caching (no ``features``).
+    Refused under FSDP and streamed shards, like every objective with an epoch-start pass.
+
+    Args:
+        modalities: ``[a, b]`` (default: the model's two).
+        matching: ``mnn`` (mutual nearest neighbours by CSLS) or ``ot`` (Sinkhorn plan).
+        threshold: ``mnn``: minimum cosine of a pair, in ``[-1, 1]``; ``ot``: minimum
+            row-normalised plan mass, in ``[0, 1]``.
+        csls_k: ``mnn``: neighbours of the CSLS correction; ``null``: plain cosine.
+        epsilon: ``ot``: entropic regularisation (cost ``1 - cosine``); at 0.05 the plan of a
+            few hundred rows in 16 dimensions is too flat for a 0.5 mass threshold.
+        ot_iterations: ``ot``: Sinkhorn iterations.
+        refresh_every: Epochs between minings.
+        warmup_epochs: Epochs before the first mining (loss zero until then).
+        max_pairs: Keep at most this many pairs, the most confident; ``null``: all.
+        bank_size: Negatives kept per modality (a seeded subset of the pool); ``null``: all.
+        temperature: Initial temperature.
+        learn_temperature: Train the temperature.
+        max_logit_scale: Clamp on ``1/temperature``.
+        seed: Seed of the bank subsets.
+        gather: Under data parallelism, mine the rows of every rank and average over them.
+
+    Raises:
+        ConfigError: Naming the argument: an unknown ``matching``, a ``threshold`` outside its
+            range, or a count or scale that is not positive.
+    """
+
+    pair_ids: Tensor
+    pair_embeddings: Tensor
+    pair_confidence: Tensor
+    bank_a: Tensor
+    bank_a_ids: Tensor
+    bank_b: Tensor
+    bank_b_ids: Tensor
+    mined_epoch: Tensor
+
+    def __init__(
+        self,
+        modalities: list[str] | None = None,
+        matching: Matching = "mnn",
+        threshold: float = 0.5,
+        csls_k: int | None = 10,
+        epsilon: float = 0.02,
+        ot_iterations: int = 100,
+        refresh_every: int = 1,
+        warmup_epochs: int = 1,
+        max_pairs: int | None = None,
+        bank_size: int | None = None,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        seed: int = 0,
+        gather: bool = False,
+    ) -> None:
+        super().__init__(modalities, "pseudo_pairs")
+        _check_mining(matching, threshold, csls_k, epsilon, ot_iterations)
+        _check_schedule(refresh_every, warmup_epochs, max_pairs, bank_size)
+        self.matching, self.threshold, self.csls_k = matching, threshold, csls_k
+        self.epsilon, self.ot_iterations = epsilon, ot_iterations
+        self.refresh_every, self.warmup_epochs = refresh_every, warmup_epochs
+        self.max_pairs, self.bank_size, self.seed, self.gather = max_pairs, bank_size, seed, gather
+        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
+        self.embed_dim = 0
+        self._make_tables(0)
+        self.register_buffer("mined_epoch", torch.full((), -1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_resize_tables)
+
+    def _make_tables(self, embed_dim: int) -> None:
+        """Empty mining tables of width ``embed_dim``."""
+        self.register_buffer("pair_ids", torch.zeros(2, 0, dtype=torch.long))
+        self.register_buffer("pair_embeddings", torch.zeros(2, 0, embed_dim))
+        self.register_buffer("pair_confidence", torch.zeros(0))
+        for side in ("a", "b"):
+            self.register_buffer(f"bank_{side}", torch.zeros(0, embed_dim))
+            self.register_buffer(f"bank_{side}_ids", torch.zeros(0, dtype=torch.long))
+
+    def bind(self, model: nn.Module) -> None:
+        """Resolve the modalities and the embedding width ``E`` (the heads' ``out_dim``)."""
+        super().bind(model)
+        self.embed_dim = embed_width(model, self.modalities, self.name)
+        self._make_tables(self.embed_dim)
+
+    def mining_epoch(self, epoch: int) -> bool:
+        """Whether the tables are refreshed at the start of ``epoch``."""
+        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh_every == 0
+
+    def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> None:
+        """At a mining epoch: embed the training split, match the unimodal pools, store the tables."""
+        if not self.mining_epoch(ctx.epoch):
+            return
+        a, b = self.modalities
+        rows = embed_training_split(model, ctx.batches(), self.modalities, self.embed_dim, self.gather)
+        pool_a, pool_b = unimodal_pool(rows, a, b), unimodal_pool(rows, b, a)
+        pairs = most_confident(self.mine(pool_a.embeddings, pool_b.embeddings), self.max_pairs)
+        self._store(pool_a, pool_b, pairs, ctx.epoch)
+
+    def mine(self, a: Tensor, b: Tensor) -> MinedPairs:
+        """Pairs between the pools ``a [N, E]`` and ``b [M, E]`` by this objective's matching."""
+        if self.matching == "ot":
+            return mine_ot(a, b, self.threshold, self.epsilon, self.ot_iterations)
+        return mine_mnn(a, b, self.threshold, self.csls_k)
+
+    def _store(self, pool_a: Pool, pool_b: Pool, pairs: MinedPairs, epoch: int) -> None:
+        """Replace the tables by the pairs of this mining and the (capped) pools as banks."""
+        dtype = self.pair_embeddings.dtype
+        self.pair_ids = torch.stack([pool_a.ids[pairs.i], pool_b.ids[pairs.j]])
+        self.pair_embeddings = torch.stack([pool_a.embeddings[pairs.i], pool_b.embeddings[pairs.j]]).to(dtype)
+        self.pair_confidence = pairs.confidence.to(dtype)
+        for side, pool in enumerate((pool_a, pool_b)):
+            keep = bank_rows(pool.size, self.bank_size, cluster_seed(self.seed, epoch) + side, pool.ids.device)
+            setattr(self, f"bank_{'ab'[side]}", pool.embeddings[keep].to(dtype))
+            setattr(self, f"bank_{'ab'[side]}_ids", pool.ids[keep])
+        self.mined_epoch.fill_(epoch)
+
+    def side_terms(self, outputs: Outputs, batch: Batch, side: int, scale: Tensor) -> Tensor:
+        """``Tensor[Q]`` terms of the batch's rows holding modality ``side`` only that have a partner."""
+        m, other = self.modalities[side], self.modalities[1 - side]
+        ref = next(iter(outputs.embeddings.values()), scale)
+        if m not in outputs.embeddings or self.pair_ids.shape[1] == 0:
+            return ref.new_zeros(0)
+        own = batch.rows(m).to(outputs.embeddings[m].device)
+        alone = own & ~batch.rows(other).to(own.device) if other in batch.data else own
+        order = torch.argsort(self.pair_ids[side])
+        found, index = find_ids(batch.ids_of(m).to(own.device)[alone], self.pair_ids[side][order])
+        pair = order[index[found]]
+        bank, bank_ids = (self.bank_b, self.bank_b_ids) if side == 0 else (self.bank_a, self.bank_a_ids)
+        q = outputs.embeddings[m][alone][found]
+        targets = self.pair_embeddings[1 - side][pair].to(q)
+        return pseudo_pair_terms(q, targets, self.pair_ids[1 - side][pair], bank.to(q), bank_ids, scale)
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """Mean pseudo-pair InfoNCE over both directions; metrics ``temperature``, ``mined``, ``queries``."""
+        scale = self.scale()
+        terms = torch.cat([self.side_terms(outputs, batch, side, scale) for side in (0, 1)])
+        loss = mean_over_rows(terms.sum(), terms.shape[0], self.gather) + outputs.zero(scale)
+        metrics = {
+            "temperature": float(1.0 / scale.detach().exp()),
+            "mined": float(self.pair_ids.shape[1]),
+            "queries": float(terms.shape[0]),
+        }
+        if self.pair_confidence.numel() > 0:
+            metrics["confidence"] = float(self.pair_confidence.mean())
+        return LossOutput(loss=loss, metrics=metrics)
+
+
+def _check_mining(matching: str, threshold: float, csls_k: int | None, epsilon: float, ot_iterations: int) -> None:
+    """Raise ``ConfigError`` at the first mining argument out of range."""
+    if matching not in MATCHINGS:
+        raise ConfigError("matching", f"unknown matching {matching!r}", list(MATCHINGS))
+    low = 0.0 if matching == "ot" else -1.0
+    check_arg("threshold", low <= threshold <= 1.0, f"must be in [{low:g}, 1] for matching {matching}, got {threshold}")
+    check_arg("csls_k", csls_k is None or csls_k >= 1, f"must be null or >= 1, got {csls_k}")
+    check_arg("epsilon", epsilon > 0, f"must be > 0, got {epsilon}")
+    check_arg("ot_iterations", ot_iterations >= 1, f"must be >= 1, got {ot_iterations}")
+
+
+def _check_schedule(refresh_every: int, warmup_epochs: int, max_pairs: int | None, bank_size: int | None) -> None:
+    """Raise ``ConfigError`` at the first schedule or size argument out of range."""
+    check_arg("refresh_every", refresh_every >= 1, f"must be >= 1, got {refresh_every}")
+    check_arg("warmup_epochs", warmup_epochs >= 0, f"must be >= 0, got {warmup_epochs}")
+    check_arg("max_pairs", max_pairs is None or max_pairs >= 1, f"must be null or >= 1, got {max_pairs}")
+    check_arg("bank_size", bank_size is None or bank_size >= 1, f"must be null or >= 1, got {bank_size}")
