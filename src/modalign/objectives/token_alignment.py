@@ -440,16 +440,17 @@ def token_contrastive(
     return LossOutput(loss=score_infonce_loss(ab, pair.ids_a, pair.ids_b, ba), metrics=metrics)
 
 
-@register("objective", "filip")
-class FILIP(PairObjective):
-    """FILIP token-wise late interaction (Yao et al. 2022; see ``filip_loss``) on projected encoder tokens.
+class TokenObjective(PairObjective):
+    """A contrastive loss over the batch from a score between the token sequences of two modalities.
 
     Reads ``outputs.tokens[m]`` and ``outputs.padding[m]`` of the rows where both modalities are
     present (not the pooled embeddings), mapped by its own ``TokenProjection``; same-content
-    rows (``batch.ids_of``) are never negatives (``token_contrastive``).
+    rows (``batch.ids_of``) are never negatives (``token_contrastive``). Subclasses give
+    ``logits``.
 
     Args:
         modalities: Two modality names (default: the model's two).
+        name: The registered name (for messages).
         temperature: Initial temperature.
         learn_temperature: Train the temperature.
         max_logit_scale: Clamp on ``1/temperature``.
@@ -458,13 +459,14 @@ class FILIP(PairObjective):
 
     def __init__(
         self,
-        modalities: list[str] | None = None,
-        temperature: float = 0.07,
-        learn_temperature: bool = True,
-        max_logit_scale: float = 100.0,
-        dim: int | None = None,
+        modalities: list[str] | None,
+        name: str,
+        temperature: float,
+        learn_temperature: bool,
+        max_logit_scale: float,
+        dim: int | None,
     ) -> None:
-        super().__init__(modalities, "filip")
+        super().__init__(modalities, name)
         self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
         self.project = TokenProjection(dim)
 
@@ -482,17 +484,40 @@ class FILIP(PairObjective):
         return token_contrastive(self.modalities, self.project, self.scale(), outputs, batch, self.logits)
 
     def logits(self, pair: TokenPair, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """The a -> b and b -> a logits ``[P, P]`` of the paired rows, times ``scale``."""
+        raise NotImplementedError
+
+
+@register("objective", "filip")
+class FILIP(TokenObjective):
+    """FILIP token-wise late interaction (Yao et al. 2022; see ``filip_loss``) on projected encoder tokens.
+
+    Args:
+        modalities: Two modality names (default: the model's two).
+        temperature: Initial temperature.
+        learn_temperature: Train the temperature.
+        max_logit_scale: Clamp on ``1/temperature``.
+        dim: Width of the projected tokens (default: the model's embedding width).
+    """
+
+    def __init__(
+        self,
+        modalities: list[str] | None = None,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        dim: int | None = None,
+    ) -> None:
+        super().__init__(modalities, "filip", temperature, learn_temperature, max_logit_scale, dim)
+
+    def logits(self, pair: TokenPair, scale: Tensor) -> tuple[Tensor, Tensor]:
         """``filip_logits`` of the paired rows."""
         return filip_logits(pair.a, pair.a_padding, pair.b, pair.b_padding, scale)
 
 
 @register("objective", "ot_tokens")
-class OTTokens(PairObjective):
+class OTTokens(TokenObjective):
     """Contrastive token alignment by optimal transport: score ``-W`` of ``ot_token_distance`` (Cuturi 2013).
-
-    Reads ``outputs.tokens[m]`` and ``outputs.padding[m]`` of the rows where both modalities are
-    present (not the pooled embeddings), mapped by its own ``TokenProjection``; same-content
-    rows (``batch.ids_of``) are never negatives (``token_contrastive``).
 
     Args:
         modalities: Two modality names (default: the model's two).
@@ -514,25 +539,10 @@ class OTTokens(PairObjective):
         epsilon: float = 0.05,
         iterations: int = 50,
     ) -> None:
-        super().__init__(modalities, "ot_tokens")
-        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
-        self.project = TokenProjection(dim)
+        super().__init__(modalities, "ot_tokens", temperature, learn_temperature, max_logit_scale, dim)
         check_arg("epsilon", epsilon > 0, f"must be > 0, got {epsilon}")
         check_arg("iterations", iterations >= 1, f"must be >= 1, got {iterations}")
         self.epsilon, self.iterations = epsilon, iterations
-
-    def bind(self, model: nn.Module) -> None:
-        """Resolve the modalities and build the token projections.
-
-        Raises:
-            ConfigError: If a modality is unknown or the model lacks the widths.
-        """
-        super().bind(model)
-        self.project.build(model, self.modalities)
-
-    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
-        """Compute the loss (see ``token_contrastive``)."""
-        return token_contrastive(self.modalities, self.project, self.scale(), outputs, batch, self.logits)
 
     def logits(self, pair: TokenPair, scale: Tensor) -> tuple[Tensor, Tensor]:
         """``-scale * W`` and its transpose."""
@@ -541,15 +551,11 @@ class OTTokens(PairObjective):
 
 
 @register("objective", "soft_dtw")
-class SoftDTW(PairObjective):
+class SoftDTW(TokenObjective):
     """Contrastive sequence matching: score ``-D`` of ``soft_dtw_scores`` (soft-DTW divergence, Blondel et al. 2021).
 
     The divergence sums step costs along the alignment path, so its scale grows with the
     sequence lengths; the default temperature (1) suits ``cosine`` steps on a few dozen tokens.
-
-    Reads ``outputs.tokens[m]`` and ``outputs.padding[m]`` of the rows where both modalities are
-    present (not the pooled embeddings), mapped by its own ``TokenProjection``; same-content
-    rows (``batch.ids_of``) are never negatives (``token_contrastive``).
 
     Args:
         modalities: Two modality names (default: the model's two).
@@ -571,26 +577,11 @@ class SoftDTW(PairObjective):
         gamma: float = 0.1,
         metric: Metric = "cosine",
     ) -> None:
-        super().__init__(modalities, "soft_dtw")
-        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
-        self.project = TokenProjection(dim)
+        super().__init__(modalities, "soft_dtw", temperature, learn_temperature, max_logit_scale, dim)
         check_arg("gamma", gamma > 0, f"must be > 0, got {gamma}")
         if metric not in ("cosine", "sqeuclidean"):
             raise ConfigError("metric", f"unknown step cost {metric!r}", ["cosine", "sqeuclidean"])
         self.gamma, self.metric = gamma, metric
-
-    def bind(self, model: nn.Module) -> None:
-        """Resolve the modalities and build the token projections.
-
-        Raises:
-            ConfigError: If a modality is unknown or the model lacks the widths.
-        """
-        super().bind(model)
-        self.project.build(model, self.modalities)
-
-    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
-        """Compute the loss (see ``token_contrastive``)."""
-        return token_contrastive(self.modalities, self.project, self.scale(), outputs, batch, self.logits)
 
     def logits(self, pair: TokenPair, scale: Tensor) -> tuple[Tensor, Tensor]:
         """``-scale * D`` and its transpose."""
