@@ -311,13 +311,16 @@ def test_mixed_batches_hold_exactly_the_promised_pairs(per_batch: int) -> None:
     view = PairingView(Toy(40), paired_fraction=0.5, seed=0)  # 20 kept, 40 unimodal
     sampler = MixedBatches(view, batch_size=8, paired_per_batch=per_batch, seed=1)
     batches = list(sampler)
-    expected = min(20 // per_batch if per_batch else 99, 40 // (8 - per_batch) if per_batch < 8 else 99)
+    expected = 40 // (8 - per_batch) if per_batch < 8 else 20 // 8  # the unimodal pool sets the epoch
     assert len(batches) == len(sampler) == expected
     paired = set(view.paired_indices.tolist())
     for b in batches:
         assert len(b) == 8 and sum(i in paired for i in b) == per_batch
     flat = [i for b in batches for i in b]
-    assert len(flat) == len(set(flat))
+    unimodal = [i for i in flat if i not in paired]
+    assert len(unimodal) == len(set(unimodal))  # each unimodal sample at most once
+    uses = [flat.count(i) for i in paired]  # the pairs are cycled evenly
+    assert sum(uses) == per_batch * expected and max(uses) - min(uses) <= 1
 
 
 def test_mixed_batches_shuffle_per_epoch_deterministically() -> None:
@@ -345,7 +348,7 @@ def test_mixed_batches_through_a_data_loader() -> None:
     view = PairingView(toy, paired_fraction=0.5, seed=0)
     loader = DataLoader(view, batch_sampler=MixedBatches(view, 10, 4), collate_fn=Collator(view.modalities))
     batches = list(loader)
-    assert len(batches) == 5
+    assert len(batches) == 40 // 6  # the 40 unimodal samples set the epoch; the 20 pairs are cycled
     for batch in batches:
         both = batch.present["a"] & batch.present["b"]
         assert int(both.sum()) == 4 and bool((batch.present["a"] | batch.present["b"]).all())

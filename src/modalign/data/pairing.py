@@ -370,8 +370,12 @@ class MixedBatches(Sampler[list[int]]):
 
     Each epoch the kept and the unimodal samples are shuffled separately (seeded by ``seed``
     and the epoch); batch ``b`` takes the next ``paired_per_batch`` kept samples and the next
-    ``batch_size - paired_per_batch`` unimodal ones, in shuffled order within the batch. Every
-    index is used at most once per epoch; what does not fill a whole batch is dropped. With
+    ``batch_size - paired_per_batch`` unimodal ones, in shuffled order within the batch. The
+    unimodal pool sets the epoch: each unimodal sample is used at most once (what does not fill
+    a whole batch is dropped), while the kept pairs, usually far fewer, are **cycled** through
+    fresh shuffles as often as the epoch needs (each used ``q`` or ``q + 1`` times), as
+    semi-supervised samplers cycle their small labelled set. Batches of pairs only
+    (``paired_per_batch == batch_size``) pass over the pairs once. With
     ``paired_per_batch=None`` it shuffles every derived sample together (``len(view) //
     batch_size`` batches). Pass it as a ``DataLoader``'s ``batch_sampler``; call ``set_epoch``
     before each epoch.
@@ -419,8 +423,12 @@ class MixedBatches(Sampler[list[int]]):
         """Full batches per epoch."""
         if self.paired_per_batch is None:
             return (len(self._paired) + len(self._unimodal)) // self.batch_size
-        pools = ((self._paired, self.paired_per_batch), (self._unimodal, self.batch_size - self.paired_per_batch))
-        return min(len(pool) // k for pool, k in pools if k > 0)
+        rest = self.batch_size - self.paired_per_batch
+        if rest == 0:
+            return len(self._paired) // self.batch_size
+        if self.paired_per_batch > 0 and len(self._paired) == 0:
+            return 0
+        return len(self._unimodal) // rest
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, _SALT, 2, self.epoch])
@@ -429,6 +437,8 @@ class MixedBatches(Sampler[list[int]]):
             every = np.concatenate([self._paired, self._unimodal])
             return iter(rng.permutation(every)[: n * self.batch_size].reshape(n, self.batch_size).tolist())
         k = self.paired_per_batch
-        paired = rng.permutation(self._paired)[: n * k].reshape(n, k)
+        cycles = -(-n * k // max(len(self._paired), 1))
+        drawn = [rng.permutation(self._paired) for _ in range(cycles)]
+        paired = (np.concatenate(drawn) if drawn else self._paired)[: n * k].reshape(n, k)
         unimodal = rng.permutation(self._unimodal)[: n * (self.batch_size - k)].reshape(n, self.batch_size - k)
         return iter(rng.permuted(np.concatenate([paired, unimodal], axis=1), axis=1).tolist())

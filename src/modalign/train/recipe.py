@@ -63,7 +63,8 @@ class DataPairing(_Section):
         None,
         ge=0,
         description="Kept pairs in every training batch, the rest unimodal samples "
-        "(modalign.data.pairing.MixedBatches); null = plain shuffling. One process only for now.",
+        "(modalign.data.pairing.MixedBatches; the unimodal samples set the epoch, the pairs are cycled); null = "
+        "plain shuffling. One process only for now.",
     )
 
     @property
