@@ -72,8 +72,8 @@ ROWS: tuple[Row, ...] = (
 
 def _child(recipe: str, run_dir: Path) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` in this process; the figures of the run."""
-    from modalign.train.loop import read_metrics
     from modalign.train.recipe import load_recipe
+    from modalign.train.records import read_metrics
     from modalign.train.run import train_run
 
     start = time.perf_counter()

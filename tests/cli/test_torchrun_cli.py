@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from modalign.train.checkpoint import latest_checkpoint
-from modalign.train.loop import read_metrics
+from modalign.train.records import read_metrics
 from support.procs import descendants, kill_tree
 
 #: BasicMotions (40 training samples): global batch 8 = 4 per rank, 5 steps per epoch.

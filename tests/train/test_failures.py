@@ -21,9 +21,10 @@ from modalign.fusion.two_tower import NoFusion
 from modalign.methods import Method, MultimodalModel
 from modalign.objectives import InfoNCE
 from modalign.train.checkpoint import latest_checkpoint
-from modalign.train.loop import Trainer, read_metrics
+from modalign.train.loop import Trainer
 from modalign.train.progress import LineProgress
 from modalign.train.recipe import TrainConfig
+from modalign.train.records import read_metrics
 
 POISON = 5  # the sample id whose batch gets a non-finite loss
 

@@ -15,8 +15,9 @@ from modalign.encoders.vector import VectorMLP
 from modalign.fusion.two_tower import NoFusion
 from modalign.methods import Method, MultimodalModel
 from modalign.objectives import InfoNCE
-from modalign.train.loop import Trainer, read_metrics
+from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
+from modalign.train.records import read_metrics
 
 
 class PairedVectors(MultimodalDataset):

@@ -46,8 +46,9 @@ from modalign.train.build import build_dataset, build_method, build_train_split,
 from modalign.train.checkpoint import latest_checkpoint, load_weights, write_text_atomic
 from modalign.train.distributed import barrier, distributed_session, enable_gather
 from modalign.train.fsdp import full_model_state
-from modalign.train.loop import METRICS_FILE, Trainer, read_metrics, seed_everything
+from modalign.train.loop import Trainer, seed_everything
 from modalign.train.recipe import Recipe, dump_recipe, validate_recipe
+from modalign.train.records import METRICS_FILE, read_metrics
 from modalign.train.run_report import record_command, write_run_report
 from modalign.train.tracking import Tracker, log_evaluation, make_tracker
 

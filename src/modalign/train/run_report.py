@@ -16,8 +16,8 @@ from pathlib import Path
 from modalign.data.base import MultimodalDataset
 from modalign.eval import EmbeddingSet
 from modalign.eval.html_report import ReportInputs, write_report
-from modalign.train.loop import METRICS_FILE, read_metrics
 from modalign.train.recipe import Recipe
+from modalign.train.records import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
