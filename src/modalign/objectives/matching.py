@@ -314,7 +314,7 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
         return float((logits.argmax(dim=1) == labels).float().mean().item())
 
 
-def _width(model: nn.Module, group: str, modality: str, attr: str) -> int:
+def module_width(model: nn.Module, group: str, modality: str, attr: str) -> int:
     """``model.<group>[modality].<attr>``: an encoder's token width ``dim``, a head's ``out_dim``.
 
     Raises:
@@ -402,7 +402,7 @@ class ImageTextMatching(PairObjective):
         """
         super().bind(model)
         a, b = self.modalities
-        dim_a, dim_b = (_width(model, "encoders", m, "dim") for m in (a, b))
+        dim_a, dim_b = (module_width(model, "encoders", m, "dim") for m in (a, b))
         width = self.width or dim_a
         if width % self.heads != 0:
             raise ConfigError("heads", f"must divide the fusion width {width}, got {self.heads}")
@@ -537,7 +537,7 @@ class AudioVisualCorrespondence(PairObjective):
             ConfigError: If a modality is unknown or (``concat``) a projection head has no ``out_dim``.
         """
         super().bind(model)
-        dims = [_width(model, "heads", m, "out_dim") if self.kind == "concat" else 0 for m in self.modalities]
+        dims = [module_width(model, "heads", m, "out_dim") if self.kind == "concat" else 0 for m in self.modalities]
         if self.head is None:
             self.head = CorrespondenceHead(self.kind, dims[0], dims[1], self.hidden)
 

@@ -31,6 +31,7 @@ from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import Batch, LossOutput, Outputs
 from modalign.objectives.contrastive import LogitScale, PairObjective, paired_rows
+from modalign.objectives.matching import module_width
 from modalign.objectives.unaligned import (
     check_arg,
     pair_metrics,
@@ -349,19 +350,6 @@ class TokenPair:
     ids_b: Tensor
 
 
-def _module_width(model: nn.Module, group: str, modality: str, attr: str) -> int:
-    """``model.<group>[modality].<attr>`` (an encoder's ``dim``, a head's ``out_dim``).
-
-    Raises:
-        ConfigError: If the model has no such module or it has no integer ``attr``.
-    """
-    modules = getattr(model, group, {})
-    value = getattr(modules[modality], attr, None) if modality in modules else None
-    if not isinstance(value, int):
-        raise ConfigError("modalities", f"the model's {group}[{modality!r}] has no integer width {attr!r}")
-    return value
-
-
 class TokenProjection(nn.Module):
     """The token objectives' own ``Linear(D_m, dim)`` per modality, mapping encoder tokens to one space.
 
@@ -388,9 +376,9 @@ class TokenProjection(nn.Module):
             ConfigError: If the model lacks an encoder width (or, without ``dim``, a head width).
         """
         if len(self.maps) == 0:
-            dim = self.dim or _module_width(model, "heads", modalities[0], "out_dim")
+            dim = self.dim or module_width(model, "heads", modalities[0], "out_dim")
             for m in modalities:
-                self.maps[m] = nn.Linear(_module_width(model, "encoders", m, "dim"), dim)
+                self.maps[m] = nn.Linear(module_width(model, "encoders", m, "dim"), dim)
 
     def forward(self, outputs: Outputs, batch: Batch, modalities: tuple[str, str]) -> TokenPair | None:
         """Projected tokens and padding of the paired rows (``None`` if a modality is absent).
