@@ -131,6 +131,57 @@ class MultimodalDataset(Dataset[Sample], ABC):
         )
 
 
+class DatasetView(MultimodalDataset):
+    """A dataset over another one (``self.dataset``) with the same contents.
+
+    Forwards labels, epoch re-seeding, previews, fitted artifacts and the raw-value interface to
+    the wrapped dataset, index for index; subclasses give ``modalities``, ``__len__`` and
+    ``__getitem__`` and override what their own indexing changes (``InputView``,
+    ``PairingView``).
+    """
+
+    def __init__(self, dataset: MultimodalDataset) -> None:
+        self.dataset = dataset
+        self.split = dataset.split
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The dataset's label names."""
+        return self.dataset.label_names
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the dataset (re-pairing changes which content a sample holds)."""
+        self.dataset.set_epoch(epoch)
+
+    def previews(self, index: int) -> dict[str, Preview]:
+        """The dataset's previews (made from its own source)."""
+        return self.dataset.previews(index)
+
+    def artifacts(self) -> dict[str, str]:
+        """The dataset's fitted state."""
+        return self.dataset.artifacts()
+
+    def raw_count(self, modality: str) -> int:
+        """Forwarded to the dataset (contents are the dataset's)."""
+        return self.dataset.raw_count(modality)
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_value(content, modality)
+
+    def raw_index(self, index: int, modality: str) -> int:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_index(index, modality)
+
+    def raw_view_count(self, modality: str) -> int:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_view_count(modality)
+
+    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
+        """Forwarded to the dataset."""
+        return self.dataset.raw_view(content, modality, view)
+
+
 SPLITS = ("train", "test")
 
 

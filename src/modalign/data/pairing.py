@@ -54,9 +54,8 @@ from torch.utils.data import Sampler
 
 from modalign.core.errors import ConfigError
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset
+from modalign.data.base import DatasetView, MultimodalDataset
 from modalign.data.preview import Preview
-from modalign.data.raw import RawValue
 
 #: Recipe keys of the pairing (``data.<key>``), named by its errors.
 PAIRED_FRACTION = "data.paired_fraction"
@@ -185,7 +184,7 @@ class Origin:
     donor: int | None = None
 
 
-class PairingView(MultimodalDataset):
+class PairingView(DatasetView):
     """A training split with a seeded fraction of its pairs kept, the rest split, some kept pairs wrong.
 
     See the module docstring for the selection, the layout of the derived samples and their ids.
@@ -223,7 +222,8 @@ class PairingView(MultimodalDataset):
         self.noise_modality = self._names[1] if noise_modality is None else noise_modality
         if self.noise_modality not in self._names:
             raise ConfigError("noise_modality", "the dataset has no such modality", list(self._names))
-        self.dataset, self.split, self.seed = dataset, dataset.split, seed
+        super().__init__(dataset)
+        self.seed = seed
         ids, present = scan_presence(dataset, self._names)
         kept = choose_kept(len(dataset), self.paired_fraction, seed)
         column = self._names.index(self.noise_modality)
@@ -256,11 +256,6 @@ class PairingView(MultimodalDataset):
     def modalities(self) -> dict[str, ModalitySpec]:
         """The dataset's specs."""
         return self.dataset.modalities
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The dataset's label names (every derived sample keeps its source's labels)."""
-        return self.dataset.label_names
 
     @property
     def paired_indices(self) -> Tensor:
@@ -323,10 +318,6 @@ class PairingView(MultimodalDataset):
         values = {**s.values, m: d.values.get(m)}
         return Sample(s.id, values, dict(s.labels), {**s.modality_ids, m: d.modality_ids.get(m, d.id)})
 
-    def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the dataset (av-digits re-pairs); the selection does not change."""
-        self.dataset.set_epoch(epoch)
-
     def previews(self, index: int) -> dict[str, Preview]:
         """The source's previews, of the one modality of a unimodal sample, with a noisy pair's donor value."""
         origin = self.origin(index)
@@ -337,26 +328,6 @@ class PairingView(MultimodalDataset):
             donor = self.dataset.previews(origin.donor)
             out = {**out, **{k: v for k, v in donor.items() if k == self.noise_modality}}
         return out
-
-    def artifacts(self) -> dict[str, str]:
-        """The dataset's fitted state."""
-        return self.dataset.artifacts()
-
-    def raw_count(self, modality: str) -> int:
-        """Forwarded to the dataset (contents are the dataset's)."""
-        return self.dataset.raw_count(modality)
-
-    def raw_value(self, content: int, modality: str) -> RawValue:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_value(content, modality)
-
-    def raw_view_count(self, modality: str) -> int:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_view_count(modality)
-
-    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_view(content, modality, view)
 
     def raw_index(self, index: int, modality: str) -> int:
         """The content of derived sample ``index``'s ``modality`` value (a noisy pair's donor's)."""

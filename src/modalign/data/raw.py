@@ -35,8 +35,7 @@ import torch
 from torch import Tensor
 
 from modalign.core.types import ModalitySpec, Sample
-from modalign.data.base import MultimodalDataset
-from modalign.data.preview import Preview
+from modalign.data.base import DatasetView, MultimodalDataset
 
 
 class Waveform(NamedTuple):
@@ -69,7 +68,7 @@ class ModalityInput:
     views: int = 1
 
 
-class InputView(MultimodalDataset):
+class InputView(DatasetView):
     """``dataset`` with the values of some modalities made from their raw content.
 
     Args:
@@ -87,9 +86,8 @@ class InputView(MultimodalDataset):
                 raise ValueError(f"InputView: dataset has no modality {m!r} (has {sorted(specs)})")
             if inp.spec.kind != specs[m].kind:
                 raise ValueError(f"InputView: {m!r} is {specs[m].kind!r}, the input gives {inp.spec.kind!r}")
-        self.dataset = dataset
+        super().__init__(dataset)
         self.inputs = dict(inputs)
-        self.split = dataset.split
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
@@ -97,11 +95,6 @@ class InputView(MultimodalDataset):
         specs = dict(self.dataset.modalities)
         specs.update({m: inp.spec for m, inp in self.inputs.items()})
         return dict(sorted(specs.items()))
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The dataset's label names."""
-        return self.dataset.label_names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -114,35 +107,3 @@ class InputView(MultimodalDataset):
                 view = int(torch.randint(inp.views, ())) if inp.views > 1 else 0
                 values[m] = inp.value(self.dataset.raw_index(index, m), view)
         return Sample(sample.id, values, sample.labels, sample.modality_ids)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the dataset (re-pairing changes which content a sample holds)."""
-        self.dataset.set_epoch(epoch)
-
-    def previews(self, index: int) -> dict[str, Preview]:
-        """The dataset's previews (made from its own source, not from features)."""
-        return self.dataset.previews(index)
-
-    def artifacts(self) -> dict[str, str]:
-        """The dataset's fitted state."""
-        return self.dataset.artifacts()
-
-    def raw_count(self, modality: str) -> int:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_count(modality)
-
-    def raw_value(self, content: int, modality: str) -> RawValue:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_value(content, modality)
-
-    def raw_index(self, index: int, modality: str) -> int:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_index(index, modality)
-
-    def raw_view_count(self, modality: str) -> int:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_view_count(modality)
-
-    def raw_view(self, content: int, modality: str, view: int) -> RawValue:
-        """Forwarded to the dataset."""
-        return self.dataset.raw_view(content, modality, view)
