@@ -349,3 +349,69 @@ def test_basicmotions_collate(motions: dict[str, BasicMotions]) -> None:
 def test_create_from_registry(data_root: Path) -> None:
     ds = create("dataset", "basicmotions", root=data_root, split="test", crop=100)
     assert ds[0].values["gyro"].shape == (3, 100)
+
+
+def test_basicmotions_offsets_shift_the_gyro_window(data_root: Path, motions: dict[str, BasicMotions]) -> None:
+    """``max_offset``: gyro = the raw gyro series shifted by the offset of its accel window, |offset| <= K."""
+    full = motions["full"]
+    train = BasicMotions(root=data_root, split="train", max_offset=12)
+    drawn = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        s, ref = train[seed % 40], full[seed % 40]
+        a, g = _offset(s.values["accel"], ref.values["accel"]), _offset(s.values["gyro"], ref.values["gyro"])
+        drawn.append(g - a)
+    assert all(-12 <= o <= 12 for o in drawn) and len(set(drawn)) > 8 and max(map(abs, drawn)) > 6
+    torch.manual_seed(0)
+    first = train.windows(3)
+    assert first["gyro"][0] - first["accel"][0] in range(-12, 13)
+
+
+def test_basicmotions_test_offsets_are_fixed(data_root: Path) -> None:
+    """The test split's offsets are ``offsets`` (seeded by ``offset_seed``), the same on every read and run."""
+    test = BasicMotions(root=data_root, split="test", max_offset=20)
+    test_full = BasicMotions(root=data_root, split="test", crop=100)
+    again = BasicMotions(root=data_root, split="test", max_offset=20, seed=5)
+    torch.testing.assert_close(again.offsets, test.offsets)
+    assert test.offsets.abs().max() <= 20 and len(set(test.offsets.tolist())) > 8
+    other = BasicMotions(root=data_root, split="test", max_offset=20, offset_seed=1)
+    assert not torch.equal(other.offsets, test.offsets)
+    for i in range(len(test)):
+        torch.manual_seed(i)
+        s, ref = test[i], test_full[i]
+        a, g = _offset(s.values["accel"], ref.values["accel"]), _offset(s.values["gyro"], ref.values["gyro"])
+        assert g - a == int(test.offsets[i])
+        torch.testing.assert_close(test[i].values["gyro"], s.values["gyro"])
+
+
+def test_basicmotions_zero_offset_is_unchanged(data_root: Path, motions: dict[str, BasicMotions]) -> None:
+    """``max_offset=0`` reads the same tensors with the same torch RNG draws as before the option."""
+    explicit = BasicMotions(root=data_root, split="train", max_offset=0)
+    for i in (0, 7, 39):
+        torch.manual_seed(i)
+        a = motions["train"][i]
+        after_a = torch.rand(())
+        torch.manual_seed(i)
+        b = explicit[i]
+        assert torch.rand(()) == after_a
+        for name in ("accel", "gyro"):
+            assert torch.equal(a.values[name], b.values[name])
+
+
+def test_basicmotions_max_offset_errors_name_the_key(data_root: Path) -> None:
+    with pytest.raises(ConfigError, match="max_offset: must be >= 0"):
+        BasicMotions(root=data_root, split="train", max_offset=-1)
+    with pytest.raises(ConfigError, match=r"max_offset: must be <= length - crop = 20"):
+        BasicMotions(root=data_root, split="test", max_offset=21)
+    with pytest.raises(ConfigError, match=r"max_offset.*= 0"):
+        BasicMotions(root=data_root, split="train", crop=100, max_offset=1)
+
+
+def test_basicmotions_max_offset_from_a_recipe(data_root: Path) -> None:
+    """``data.max_offset=N`` reaches the dataset through the recipe."""
+    from modalign.train.build import build_dataset
+    from modalign.train.recipe import load_recipe
+
+    recipe = load_recipe("basicmotions-clip", ["data.max_offset=5"])
+    ds = build_dataset(recipe, "test", data_root=str(data_root))
+    assert isinstance(ds, BasicMotions) and ds.max_offset == 5

@@ -18,9 +18,11 @@ from modalign.data.transforms import (
     SeriesTransform,
     TextTokenizer,
     TextTransform,
+    draw_offsets,
     load_audio,
     load_image,
     mel_filterbank,
+    offset_crop_windows,
     paired_crop_window,
 )
 from modalign.data.transforms.audio import hz_to_mel, mel_to_hz
@@ -322,3 +324,33 @@ def test_series_augmentation_and_errors() -> None:
         SeriesTransform.fit([np.ones((3, 10)), np.ones((2, 10))])
     with pytest.raises(ValueError, match="both mean and std"):
         SeriesTransform([0.0], None)
+
+
+def test_offset_crop_windows_fit_and_shift() -> None:
+    assert offset_crop_windows(100, 80, 0, augment=False) == ((10, 90), (10, 90))  # paired_crop_window's
+    assert offset_crop_windows(100, 80, 6, augment=False) == ((7, 87), (13, 93))  # the span is centred
+    assert offset_crop_windows(100, 80, -6, augment=False) == ((13, 93), (7, 87))
+    assert offset_crop_windows(100, 80, 20, augment=False) == ((0, 80), (20, 100))
+    torch.manual_seed(0)
+    for offset in (-20, -7, 0, 3, 20):
+        starts = set()
+        for _ in range(40):
+            (a0, a1), (g0, g1) = offset_crop_windows(100, 80, offset, augment=True)
+            assert g0 - a0 == offset and a1 - a0 == g1 - g0 == 80
+            assert min(a0, g0) >= 0 and max(a1, g1) <= 100
+            starts.add(a0)
+        feasible = set(range(max(0, -offset), min(20, 20 - offset) + 1))
+        assert starts <= feasible and len(starts) >= min(len(feasible), 5)
+    with pytest.raises(ValueError, match="length - crop = 20"):
+        offset_crop_windows(100, 80, 21, augment=False)
+    with pytest.raises(ValueError, match="crop"):
+        offset_crop_windows(100, 120, 0, augment=False)
+
+
+def test_draw_offsets_range_and_generator() -> None:
+    drawn = draw_offsets(5, 2000, torch.Generator().manual_seed(1))
+    assert drawn.dtype == torch.int64 and set(drawn.tolist()) == set(range(-5, 6))
+    torch.testing.assert_close(draw_offsets(5, 2000, torch.Generator().manual_seed(1)), drawn)
+    assert draw_offsets(0, 7).tolist() == [0] * 7
+    with pytest.raises(ValueError, match="max_offset"):
+        draw_offsets(-1)

@@ -2,7 +2,7 @@
 
 ``padding`` is ``BoolTensor[B, T]`` (``True`` = padded). Padded steps are zeroed before every
 convolution so their values never reach valid outputs; the sequence length is kept, so the
-returned ``padding`` is the input's.
+returned ``padding`` is the input's (``series_conv`` with ``token_pool > 1``: its pooled steps').
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modalign.core.errors import ConfigError
@@ -34,28 +35,41 @@ class SeriesConv(Encoder):
 
     After "Time Series Classification from Scratch with Deep Neural Networks: A Strong
     Baseline". A stack of conv1d-BN-ReLU layers with "same" padding. ``tokens`` are time steps after a
-    linear map to ``dim``: ``[B, T, dim]``; ``pooled`` is a linear map of the concatenated
-    masked mean and masked max over time, ``[B, dim]``.
+    linear map to ``dim``: ``[B, T, dim]`` (``[B, ceil(T / token_pool), dim]`` with
+    ``token_pool > 1``); ``pooled`` is a linear map of the concatenated masked mean and masked
+    max over the time steps, ``[B, dim]``.
 
     Args:
         in_channels: Series channels (from the modality spec).
         widths: Channels of each conv layer.
         kernel: Odd kernel length.
         dim: Output width ``D``.
+        token_pool: Returned tokens are means of this many consecutive steps (``pool_steps``),
+            for token objectives whose cost grows with the length (``soft_dtw`` is quadratic);
+            ``pooled`` always reads every step, so 1 (the default) and other values give the
+            same ``pooled``.
     """
 
     kind = "series"
 
     def __init__(
-        self, in_channels: int, widths: tuple[int, ...] = (64, 128, 128), kernel: int = 5, dim: int = 128
+        self,
+        in_channels: int,
+        widths: tuple[int, ...] = (64, 128, 128),
+        kernel: int = 5,
+        dim: int = 128,
+        token_pool: int = 1,
     ) -> None:
         super().__init__()
         if not widths:
             raise ConfigError("widths", "series_conv needs at least one layer")
         if kernel % 2 == 0:
             raise ConfigError("kernel", f"series_conv needs an odd kernel, got {kernel}")
+        if token_pool < 1:
+            raise ConfigError("token_pool", f"series_conv needs token_pool >= 1 steps, got {token_pool}")
         self.in_channels = in_channels
         self.dim = dim
+        self.token_pool = token_pool
         chans = [in_channels, *widths]
         self.layers = nn.ModuleList(
             conv_bn_relu(chans[i], chans[i + 1], dims=1, kernel=kernel) for i in range(len(widths))
@@ -64,14 +78,47 @@ class SeriesConv(Encoder):
         self.pool_proj = nn.Linear(2 * dim, dim)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
-        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding."""
+        """Encode ``FloatTensor[B, C, T]`` with optional ``BoolTensor[B, T]`` padding.
+
+        Returns:
+            ``tokens [B, T', dim]`` and their ``padding [B, T']`` (``T' = ceil(T / token_pool)``)
+            and ``pooled [B, dim]``.
+        """
         check_sequence(x, padding, self.in_channels, "series_conv")
         h = zero_padded(x, padding)
         for layer in self.layers:
             h = zero_padded(layer(h), padding)
         tokens = self.to_tokens(h.transpose(1, 2))
         stats = torch.cat([masked_mean(tokens, padding), masked_max(tokens, padding)], dim=-1)
-        return EncoderOutput(tokens=tokens, pooled=self.pool_proj(stats), padding=padding)
+        tokens, token_padding = pool_steps(tokens, padding, self.token_pool)
+        return EncoderOutput(tokens=tokens, pooled=self.pool_proj(stats), padding=token_padding)
+
+
+def pool_steps(tokens: Tensor, padding: Tensor | None, size: int) -> tuple[Tensor, Tensor | None]:
+    """Average each run of ``size`` consecutive steps of ``tokens [B, T, D]``: ``[B, ceil(T / size), D]``.
+
+    The mean is over the valid steps of a run (the last run may be shorter); a pooled step is
+    padded when all of its steps are, so right padding stays right padding. ``size == 1``
+    returns the inputs unchanged.
+
+    Args:
+        tokens: ``FloatTensor[B, T, D]``.
+        padding: ``BoolTensor[B, T]`` (True = padded) or ``None``.
+        size: Steps per pooled step, ``>= 1``.
+
+    Returns:
+        ``(FloatTensor[B, T', D], BoolTensor[B, T'] or None)`` with ``T' = ceil(T / size)``.
+    """
+    if size == 1:
+        return tokens, padding
+    b, t, d = tokens.shape
+    runs = -(-t // size)
+    valid = torch.ones(b, t, dtype=tokens.dtype, device=tokens.device) if padding is None else (~padding).to(tokens)
+    extra = runs * size - t
+    sums = F.pad(tokens * valid[..., None], (0, 0, 0, extra)).reshape(b, runs, size, d).sum(dim=2)
+    counts = F.pad(valid, (0, extra)).reshape(b, runs, size).sum(dim=2)
+    pooled = sums / counts.clamp(min=1.0)[..., None]
+    return pooled, None if padding is None else counts == 0
 
 
 @register("encoder", "series_transformer")

@@ -7,6 +7,12 @@ each wearing a smart watch; each series is 10 s at 10 Hz (100 steps) of a 3-axis
 
 The two sensors are synchronised, so a training crop takes the same window from both. Each
 sensor is standardised per channel with statistics of the TRAIN file (for both splits).
+
+``max_offset`` breaks the synchronisation, to study unaligned pairs (docs/unaligned.md): the
+gyroscope window is shifted against the accelerometer window by an integer offset drawn
+uniformly in ``[-max_offset, max_offset]`` steps, afresh for every sample read when augmenting
+(global torch RNG, like the crop), fixed per sample otherwise (``offset_seed``), so evaluation
+is on the same unaligned pairs in every run.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from modalign.core.errors import ConfigError, DataError
 from modalign.core.registry import register
 from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import MultimodalDataset, check_split
 from modalign.data.locate import dataset_root
-from modalign.data.transforms.series import SeriesTransform, paired_crop_window
+from modalign.data.transforms.series import SeriesTransform, draw_offsets, offset_crop_windows, paired_crop_window
 
 NAME = "basicmotions"
 HINT = f"obtain them with: modalign datasets fetch {NAME} --root DIR"
@@ -101,12 +108,16 @@ class BasicMotions(MultimodalDataset):
             see ``modalign.data.locate``).
         split: ``"train"`` (40 series) or ``"test"`` (40 series).
         seed: Unused (no seeded state); augmentation draws from the torch RNG.
-        augment: Random crop window (shared by both sensors) plus jitter/scale (``None``: on
-            for ``train``); otherwise the centred window.
+        augment: Random crop window (shared by both sensors unless ``max_offset``) plus
+            jitter/scale (``None``: on for ``train``); otherwise the centred window.
         artifacts: Unused (the statistics always come from the train file).
         crop: Window length in steps; a value >= the series length (100) keeps whole series.
         jitter: Standard deviation of additive Gaussian noise when augmenting.
         scale: Standard deviation of a per-channel gain around 1 when augmenting.
+        max_offset: Largest temporal offset, in steps, of the gyroscope window against the
+            accelerometer window (0: synchronised, the default); at most ``100 - crop``.
+        offset_seed: Seed of the fixed per-sample offsets used without augmentation (the
+            ``offsets`` attribute); independent of ``seed`` so every run sees the same pairs.
 
     Labels (evaluation only): ``activity`` (index in the header's ``@classLabel`` order).
     """
@@ -121,6 +132,8 @@ class BasicMotions(MultimodalDataset):
         crop: int = 80,
         jitter: float = 0.0,
         scale: float = 0.0,
+        max_offset: int = 0,
+        offset_seed: int = 0,
     ) -> None:
         check_split(NAME, split)
         if crop < 1:
@@ -145,6 +158,9 @@ class BasicMotions(MultimodalDataset):
         self._data = data
         self.length = int(data.shape[2])
         self.crop = min(crop, self.length)
+        self.max_offset = _check_max_offset(max_offset, self.length - self.crop)
+        #: ``LongTensor[N]`` gyroscope offset of each sample when not augmenting.
+        self.offsets = draw_offsets(max_offset, len(data), torch.Generator().manual_seed(offset_seed))
         self.transforms = {
             name: SeriesTransform(
                 *SeriesTransform.fit(list(train[:, dims])),
@@ -169,7 +185,38 @@ class BasicMotions(MultimodalDataset):
     def __len__(self) -> int:
         return int(self._data.shape[0])
 
+    def windows(self, index: int) -> dict[str, tuple[int, int]]:
+        """``{sensor: (start, stop)}`` crop window of each sensor for one read of sample ``index``.
+
+        Synchronised (``paired_crop_window``) when ``max_offset == 0``; otherwise ``gyro`` is
+        ``accel`` shifted by a fresh random offset when augmenting, by ``offsets[index]`` if not
+        (``offset_crop_windows``).
+        """
+        if self.max_offset == 0:
+            window = paired_crop_window(self.length, self.crop, self.augment)
+            return {name: window for name in SENSORS}
+        offset = int(draw_offsets(self.max_offset).item()) if self.augment else int(self.offsets[index].item())
+        accel, gyro = offset_crop_windows(self.length, self.crop, offset, self.augment)
+        return {"accel": accel, "gyro": gyro}
+
     def __getitem__(self, index: int) -> Sample:
-        window = paired_crop_window(self.length, self.crop, self.augment)
-        values = {name: tf(self._data[index, SENSORS[name]], window) for name, tf in self.transforms.items()}
+        windows = self.windows(index)
+        values = {name: tf(self._data[index, SENSORS[name]], windows[name]) for name, tf in self.transforms.items()}
         return Sample(id=int(index), values=values, labels={"activity": int(self._labels[index])})
+
+
+def _check_max_offset(max_offset: int, excess: int) -> int:
+    """``max_offset`` if both windows fit in the series (``0 <= max_offset <= length - crop``).
+
+    Raises:
+        ConfigError: Naming ``max_offset`` otherwise.
+    """
+    if max_offset < 0:
+        raise ConfigError("max_offset", f"must be >= 0 steps, got {max_offset}")
+    if max_offset > excess:
+        raise ConfigError(
+            "max_offset",
+            f"must be <= length - crop = {excess} steps so both windows fit in the series, got {max_offset} "
+            "(lower it or the crop)",
+        )
+    return max_offset

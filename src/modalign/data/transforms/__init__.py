@@ -6,7 +6,7 @@ random augmentation draws from the global torch RNG.
 
 from modalign.data.transforms.audio import AudioTransform, LogMel, load_audio, mel_filterbank
 from modalign.data.transforms.image import ImageTransform, load_image
-from modalign.data.transforms.series import SeriesTransform, paired_crop_window
+from modalign.data.transforms.series import SeriesTransform, draw_offsets, offset_crop_windows, paired_crop_window
 from modalign.data.transforms.text import TextTokenizer, TextTransform
 
 __all__ = [
@@ -16,8 +16,10 @@ __all__ = [
     "SeriesTransform",
     "TextTokenizer",
     "TextTransform",
+    "draw_offsets",
     "load_audio",
     "load_image",
     "mel_filterbank",
+    "offset_crop_windows",
     "paired_crop_window",
 ]

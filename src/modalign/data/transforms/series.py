@@ -34,6 +34,52 @@ def paired_crop_window(length: int, crop: int, augment: bool) -> tuple[int, int]
     return start, start + crop
 
 
+def offset_crop_windows(length: int, crop: int, offset: int, augment: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two crop windows of ``crop`` steps, the second ``offset`` steps after the first, both inside the series.
+
+    For a pair of series whose windows are not synchronised (a temporal offset between two
+    sensors): the reference window is ``(start, start + crop)`` and the shifted one
+    ``(start + offset, start + offset + crop)``. ``start`` is drawn uniformly (global torch RNG)
+    among the positions where both fit when ``augment``; otherwise the span of the two windows
+    (``crop + |offset|`` steps) is centred, so ``offset == 0`` gives ``paired_crop_window``'s
+    centred window.
+
+    Args:
+        length: Series length ``T``.
+        crop: Window length, ``1 <= crop <= length``.
+        offset: Shift of the second window in steps, ``|offset| <= length - crop``.
+        augment: Draw ``start`` at random instead of centring.
+
+    Returns:
+        ``((start, stop), (start + offset, stop + offset))``.
+
+    Raises:
+        ValueError: If ``crop`` is not in ``[1, length]`` or ``|offset| > length - crop``.
+    """
+    if not 1 <= crop <= length:
+        raise ValueError(f"offset_crop_windows: need 1 <= crop <= length, got crop={crop}, length={length}")
+    excess = length - crop
+    if abs(offset) > excess:
+        raise ValueError(f"offset_crop_windows: |offset| must be <= length - crop = {excess}, got {offset}")
+    low, high = max(0, -offset), min(excess, excess - offset)
+    centred = (excess - abs(offset)) // 2 + low
+    start = int(torch.randint(low, high + 1, ()).item()) if augment else centred
+    return (start, start + crop), (start + offset, start + offset + crop)
+
+
+def draw_offsets(max_offset: int, size: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    """``LongTensor[size]`` of integer offsets uniform in ``[-max_offset, max_offset]``.
+
+    Draws from ``generator``, or the global torch RNG when ``None``.
+
+    Raises:
+        ValueError: If ``max_offset < 0`` or ``size < 0``.
+    """
+    if max_offset < 0 or size < 0:
+        raise ValueError(f"draw_offsets: need max_offset >= 0 and size >= 0, got {max_offset}, {size}")
+    return torch.randint(-max_offset, max_offset + 1, (size,), generator=generator)
+
+
 class SeriesTransform:
     """``[C, T]`` series -> ``FloatTensor[C, T']``: standardise, crop, augment.
 
