@@ -33,7 +33,7 @@ from modalign.data.collate import collate
 from modalign.data.pairing import PairingView
 from modalign.methods import Method
 from modalign.objectives import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
-from modalign.objectives.pseudo_pairs import MinedPairs, most_confident
+from modalign.objectives.pseudo_pairs import MinedPairs, most_confident, neighbourhood_means
 from modalign.train.build import build_method
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
@@ -258,6 +258,52 @@ def context(epoch: int, batches: list[Batch]) -> EpochContext:
     return EpochContext(epoch * 5, epoch, 50, 5, batches=lambda: iter(batches))
 
 
+@pytest.mark.parametrize(("n", "k", "block"), [(37, 5, 8), (37, 1, 1024), (10, 50, 3)])
+def test_neighbourhood_means_equal_the_brute_force_mean_of_the_k_nearest(n: int, k: int, block: int) -> None:
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(n + k), dtype=torch.float64)
+    unit = F.normalize(x, dim=1)
+    sims = unit @ unit.T
+    expected = torch.stack(
+        [F.normalize(unit[sims[i].argsort(descending=True)[: min(k, n)]].mean(0), dim=0) for i in range(n)]
+    )
+    torch.testing.assert_close(neighbourhood_means(x, k, block=block), expected)
+
+
+def test_neighbourhood_means_pull_rows_to_their_cluster_and_reject_bad_input() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.arange(200) % 4
+    x = centres[labels] + 0.6 * torch.randn(200, 16, generator=g)
+    smooth = neighbourhood_means(x, 20)
+    to_centre = lambda z: (F.normalize(z, dim=1) * centres[labels]).sum(1).mean()  # noqa: E731
+    assert float(to_centre(smooth)) > float(to_centre(x)) + 0.1
+    with pytest.raises(ValueError, match="k >= 1"):
+        neighbourhood_means(x, 0)
+    with pytest.raises(ValueError, match=r"\[N, E\]"):
+        neighbourhood_means(x[0], 3)
+
+
+def test_consensus_mining_stores_the_smoothed_pools() -> None:
+    entry = {"name": "pseudo_pairs", "warmup_epochs": 0, "threshold": -1.0, "csls_k": None, "consensus_k": 4}
+    method = make_method([entry])
+    obj = method.objectives["pseudo_pairs"]
+    assert isinstance(obj, PseudoPairs)
+    batches = split_batches()
+    obj.on_epoch_start(method.model, context(0, batches))
+    method.eval()
+    with torch.no_grad():
+        rows = {
+            m: [(b.ids_of(m)[b.present[m] & ~b.present[o]], method.embed(b)[m]) for b in batches]
+            for m, o in ("xy", "yx")
+        }
+    for side, (m, o) in enumerate(("xy", "yx")):
+        ids = torch.cat([i for i, _ in rows[m]])
+        emb = torch.cat([e[b.present[m] & ~b.present[o]] for (_, e), b in zip(rows[m], batches, strict=True)])
+        order = ids.argsort()
+        bank = obj.bank_a if side == 0 else obj.bank_b
+        torch.testing.assert_close(bank, neighbourhood_means(emb[order], 4))
+
+
 def test_epoch_start_mines_the_unimodal_pools_of_the_split() -> None:
     method = make_method([{"name": "pseudo_pairs", "warmup_epochs": 0, "threshold": -1.0, "csls_k": None}])
     obj = method.objectives["pseudo_pairs"]
@@ -405,6 +451,7 @@ def test_pseudo_pairs_beat_infonce_alone_on_a_mix_paired_split(
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"max_pairs": 0}, "max_pairs"),
         ({"bank_size": 0}, "bank_size"),
+        ({"consensus_k": 0}, "consensus_k"),
         ({"temperature": 0.0}, "temperature"),
         ({"modalities": ["x", "x"]}, "modalities"),
     ],

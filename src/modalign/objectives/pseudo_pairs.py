@@ -142,6 +142,42 @@ def mine_ot(a: Tensor, b: Tensor, threshold: float = 0.5, epsilon: float = 0.02,
     return pairs.where((plan.argmax(dim=0)[j] == i) & (pairs.confidence >= threshold))
 
 
+@torch.no_grad()
+def neighbourhood_means(x: Tensor, k: int, block: int = 1024) -> Tensor:
+    """Each row replaced by the normalised mean of its ``k`` nearest rows (itself included), by cosine.
+
+    A neighbourhood-consensus smoothing before cross-modal matching: where a pool has cluster
+    structure, a row's neighbourhood mean sits near its cluster's centre, so matching the
+    smoothed pools pairs rows whose *neighbourhoods* agree across modalities rather than single
+    noisy points (the consensus idea of neighbourhood-based matching, e.g. Rocco et al. 2018,
+    "Neighbourhood Consensus Networks"; here on the pools' kNN graphs).
+
+    Args:
+        x: ``Tensor[N, E]`` pool (compared by cosine).
+        k: Neighbours averaged per row, ``>= 1`` (``1``: the normalised rows; capped at ``N``).
+        block: Rows per similarity block: memory ``block x N``, never ``N x N``.
+
+    Returns:
+        ``Tensor[N, E]`` L2-normalised neighbourhood means.
+
+    Raises:
+        ValueError: If ``x`` is not ``[N, E]`` or ``k < 1``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"neighbourhood_means expects [N, E], got {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"neighbourhood_means needs k >= 1, got {k}")
+    unit = F.normalize(x, dim=1)
+    k = min(k, x.shape[0])
+    if k <= 1 or x.shape[0] == 0:
+        return unit
+    means = []
+    for start in range(0, x.shape[0], block):
+        nearest = (unit[start : start + block] @ unit.T).topk(k, dim=1).indices
+        means.append(unit[nearest].mean(dim=1))
+    return F.normalize(torch.cat(means), dim=1)
+
+
 def most_confident(pairs: MinedPairs, max_pairs: int | None) -> MinedPairs:
     """At most ``max_pairs`` pairs, the most confident (ties: lower ``i``), by increasing ``i``."""
     if max_pairs is None or pairs.size <= max_pairs:
@@ -325,6 +361,9 @@ class PseudoPairs(PairObjective):
         epsilon: ``ot``: entropic regularisation (cost ``1 - cosine``); at 0.05 the plan of a
             few hundred rows in 16 dimensions is too flat for a 0.5 mass threshold.
         ot_iterations: ``ot``: Sinkhorn iterations.
+        consensus_k: Before matching, replace each pool row by the mean of its ``k`` nearest
+            rows of its own pool (``neighbourhood_means``); the stored targets and banks are the
+            smoothed rows too. ``null``: match the rows themselves.
         refresh_every: Epochs between minings.
         warmup_epochs: Epochs before the first mining (loss zero until then).
         max_pairs: Keep at most this many pairs, the most confident; ``null``: all.
@@ -357,6 +396,7 @@ class PseudoPairs(PairObjective):
         csls_k: int | None = 10,
         epsilon: float = 0.02,
         ot_iterations: int = 100,
+        consensus_k: int | None = None,
         refresh_every: int = 1,
         warmup_epochs: int = 1,
         max_pairs: int | None = None,
@@ -372,6 +412,8 @@ class PseudoPairs(PairObjective):
         _check_schedule(refresh_every, warmup_epochs, max_pairs, bank_size)
         self.matching, self.threshold, self.csls_k = matching, threshold, csls_k
         self.epsilon, self.ot_iterations = epsilon, ot_iterations
+        check_arg("consensus_k", consensus_k is None or consensus_k >= 1, f"must be null or >= 1, got {consensus_k}")
+        self.consensus_k = consensus_k
         self.refresh_every, self.warmup_epochs = refresh_every, warmup_epochs
         self.max_pairs, self.bank_size, self.seed, self.gather = max_pairs, bank_size, seed, gather
         self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
@@ -406,6 +448,9 @@ class PseudoPairs(PairObjective):
         a, b = self.modalities
         rows = embed_training_split(model, ctx.batches(), self.modalities, self.embed_dim, self.gather)
         pool_a, pool_b = unimodal_pool(rows, a, b), unimodal_pool(rows, b, a)
+        if self.consensus_k is not None:
+            pool_a = Pool(pool_a.ids, neighbourhood_means(pool_a.embeddings, self.consensus_k))
+            pool_b = Pool(pool_b.ids, neighbourhood_means(pool_b.embeddings, self.consensus_k))
         pairs = most_confident(self.mine(pool_a.embeddings, pool_b.embeddings), self.max_pairs)
         self._store(pool_a, pool_b, pairs, ctx.epoch)
 
