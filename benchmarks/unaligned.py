@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+import unaligned_emoji
+import unaligned_runs as runs_mod
 from docsection import write_section
 from losses import cpu_name
+from unaligned_common import centred, embed, log, retrieval
 
 from modalign.alignment import (
     gromov_wasserstein,
@@ -51,9 +53,7 @@ from modalign.alignment import (
     refine_procrustes,
     wasserstein_procrustes,
 )
-from modalign.core.types import ModalitySpec, Sample
 from modalign.data.base import resolve_data_root
-from modalign.data.collate import collate
 from modalign.encoders.stitch import MiniLMText
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,46 +66,6 @@ def read_lines(root: Path, split: str, lang: str) -> list[str]:
     path = root / "multi30k" / "data" / "task1" / "raw" / f"{split}.{lang}.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
-
-
-@torch.no_grad()
-def embed(encoder: MiniLMText, texts: list[str], batch: int = 256) -> Tensor:
-    """MiniLM sentence embeddings ``[N, 384]``, through modalign's ``text_minilm`` wrapper."""
-    spec = {"text": ModalitySpec("text", vocab_size=30522)}
-    out = []
-    for start in range(0, len(texts), batch):
-        samples = [
-            Sample(id=i, values={"text": encoder.preprocess(t)}) for i, t in enumerate(texts[start : start + batch])
-        ]
-        b = collate(samples, spec)
-        out.append(encoder.encode_live(b.data["text"], b.padding["text"]).pooled)
-    return torch.cat(out)
-
-
-def log(message: str) -> None:
-    """A progress line on stderr."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def centred(x: Tensor) -> Tensor:
-    """Mean-centred, then L2-normalised rows (the usual preprocessing of embedding alignment)."""
-    return F.normalize(x - x.mean(dim=0), dim=1)
-
-
-def retrieval(src: Tensor, tgt: Tensor, w: Tensor, csls_k: int | None) -> dict[str, float]:
-    """P@1 and P@10 of translating row ``i`` of ``src @ w`` to row ``i`` of ``tgt`` (cosine or CSLS)."""
-    a, b = F.normalize(src @ w, dim=1), F.normalize(tgt, dim=1)
-    scores = a @ b.T
-    if csls_k is not None:
-        ra = scores.topk(csls_k, dim=1).values.mean(1)
-        rb = scores.T.topk(csls_k, dim=1).values.mean(1)
-        scores = 2 * scores - ra[:, None] - rb[None, :]
-    top = scores.topk(10, dim=1).indices
-    truth = torch.arange(len(src))[:, None]
-    return {
-        "p@1": float((top[:, :1] == truth).any(1).float().mean()),
-        "p@10": float((top == truth).any(1).float().mean()),
-    }
 
 
 def translation(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -183,9 +143,63 @@ def translation(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     return lines, {"rows": rows, "embed_s": embed_s, "gw_s": timings["gw_s"], "args": vars(args)}
 
 
+SECTIONS = ("translation", "lexicon", "pairing", "noise", "offsets", "plans")
+SWEEPS = ("pairing", "noise", "offsets")
+HEADINGS = {
+    "translation": "Fully unpaired: Multi30k English vs German",
+    "lexicon": "Fully unpaired: emoji English vs German labels (lexicon induction)",
+    "pairing": "Mix-paired: paired fraction sweep",
+    "noise": "Noisy pairs: pair noise sweep",
+    "offsets": "Fine-grained: basicmotions with temporal offsets",
+    "plans": "Fine-grained: OT plans between emoji label words and image regions",
+}
+
+
+def sweep_rows(args: argparse.Namespace) -> list[runs_mod.Row]:
+    """The rows of the ``pairing``, ``noise`` or ``offsets`` sweep (``--rows`` filters by key)."""
+    if args.only == "offsets":
+        rows = runs_mod.offset_rows()
+    elif args.only == "pairing":
+        rows = runs_mod.pairing_rows(args.datasets)
+    else:
+        rows = runs_mod.noise_rows(args.datasets)
+    return [r for r in rows if not args.rows or any(part in r.key for part in args.rows)]
+
+
+def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """A training sweep: adopt or run the missing rows, then the tables and curves."""
+    rows = sweep_rows(args)
+    if args.adopt:
+        runs_mod.adopt(rows, [Path(d) for d in args.adopt], RESULTS, log)
+    elif not args.table:
+        runs_mod.run_rows(rows, Path(args.runs), RESULTS, args.jobs, args.rerun, log)
+    store = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.only == "offsets":
+        return runs_mod.offsets_table(store)
+    table = runs_mod.pairing_table if args.only == "pairing" else runs_mod.noise_table
+    plot = runs_mod.plot_pairing if args.only == "pairing" else runs_mod.plot_noise
+    png = plot(args.datasets, store, DOC.parent / "img" / f"unaligned_{args.only}.png")
+    lines: list[str] = [runs_mod.__doc__.split("\n\n")[-1].replace("\n", " "), ""]
+    verdicts: dict[str, Any] = {}
+    for dataset in args.datasets:
+        body, verdicts[dataset] = table(dataset, store)
+        lines += [f"**{dataset}** (`{runs_mod.DATASETS[dataset]['recipe']}`)", "", *body, ""]
+    lines.append(f"![{args.only} sweep]({png.relative_to(DOC.parent)})")
+    return lines, {"verdicts": verdicts}
+
+
+def run_section(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The Markdown lines and JSON result of section ``args.only``."""
+    if args.only == "translation":
+        return translation(args)
+    if args.only in SWEEPS:
+        return sweep(args)
+    return unaligned_emoji.lexicon(args) if args.only == "lexicon" else unaligned_emoji.plans(args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["translation"], default="translation")
+    parser.add_argument("--only", choices=SECTIONS, default="translation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gw", type=int, default=1000, help="Sentences per side of the Gromov-Wasserstein start.")
     parser.add_argument("--gw-iterations", type=int, default=10, help="Mirror-descent steps per epsilon.")
@@ -195,10 +209,18 @@ def main() -> None:
     parser.add_argument("--wp-epsilon", type=float, default=0.05)
     parser.add_argument("--refine", type=int, default=10, help="Mutual-neighbour Procrustes iterations.")
     parser.add_argument("--cache", help="File keeping the sentence embeddings between runs (written if absent).")
+    parser.add_argument("--datasets", nargs="+", default=list(runs_mod.SWEPT), choices=list(runs_mod.SWEPT))
+    parser.add_argument("--rows", nargs="*", help="Sweeps: run only rows whose key contains one of these.")
+    parser.add_argument("--jobs", type=int, default=1, help="Sweeps: training runs at a time.")
+    parser.add_argument("--runs", default="/tmp/modalign-unaligned", help="Sweeps: where the run directories go.")
+    parser.add_argument("--rerun", action="store_true", help="Sweeps: run rows again even if stored.")
+    parser.add_argument("--table", action="store_true", help="Sweeps: only rewrite the tables from stored rows.")
+    parser.add_argument("--adopt", nargs="+", help="Sweeps: store these finished run dirs under their rows.")
     parser.add_argument("--no-doc", action="store_true")
+    unaligned_emoji.add_arguments(parser)
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    lines, result = translation(args)
+    lines, result = run_section(args)
     machine = (
         f"Machine: {cpu_name()}, {os.cpu_count()} core(s), torch {torch.__version__}; load average {load:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after."
@@ -210,8 +232,11 @@ def main() -> None:
     RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
     if not args.no_doc:
         command = f"MODALIGN_DATA=../shared/data .venv/bin/python benchmarks/unaligned.py --only {args.only}"
-        heading = "Fully unpaired: Multi30k English vs German"
-        write_section(DOC, f"unaligned_{args.only}", command, machine, lines, heading, script="unaligned")
+        if args.only in ("pairing", "noise"):
+            command += f" --datasets {' '.join(args.datasets)} [--jobs N] [--rows KEY ...] [--table]"
+        elif args.only == "offsets":
+            command += " [--jobs N] [--rows KEY ...] [--table]"
+        write_section(DOC, f"unaligned_{args.only}", command, machine, lines, HEADINGS[args.only], script="unaligned")
 
 
 if __name__ == "__main__":

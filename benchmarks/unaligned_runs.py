@@ -1,0 +1,541 @@
+"""Training sweeps of ``benchmarks/unaligned.py``: paired fraction and pair noise (docs/unaligned.md).
+
+Every row is one ``modalign train RECIPE KEY=VALUE ... --run-dir DIR`` in a fresh subprocess,
+exactly the command printed in the table; its figures are read from the run's ``eval.json``.
+Finished rows are kept in ``benchmarks/results/unaligned.json`` (under ``runs``, by row key), so
+a sweep can be run a few rows at a time (``--rows``) and is never rerun unless ``--rerun``.
+
+* ``pairing``: ``data.paired_fraction`` in {100, 10, 1, 0.1}% (the rest split into unimodal
+  samples, ``modalign.data.pairing``) on ``av-digits`` and ``emoji``, for plain contrastive
+  training (the packaged recipe, batches shuffled as usual), plain contrastive with the pairs
+  cycled through every batch (``data.paired_per_batch``), and the mix-paired methods.
+* ``noise``: ``data.pair_noise`` in {0, 20, 50}% of the training pairs given a random other
+  partner, for plain InfoNCE and the noise-robust objectives.
+
+The figure per dataset is the mean of the two retrieval directions: class-match p@1 for
+av-digits (the pairs are right at the digit level; chance 0.10), held-out R@10 for emoji
+(400 held-out emoji; chance 0.025).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Per dataset: packaged recipe, the two modalities, the recipe's temperature, the metric pair.
+DATASETS: dict[str, dict[str, Any]] = {
+    "av-digits": {
+        "recipe": "av-digits-clip",
+        "modalities": ["image", "audio"],
+        "temperature": 0.1,
+        "keys": ["image->audio/p@1", "audio->image/p@1"],
+        "metric": "p@1",
+        "chance": 0.10,
+        "probes": ["image/linear_probe", "audio/linear_probe"],
+    },
+    "emoji": {
+        "recipe": "emoji-clip",
+        "modalities": ["image", "text"],
+        "temperature": 0.07,
+        "keys": ["image->text/R@10", "text->image/R@10"],
+        "metric": "R@10",
+        "chance": 0.025,
+        "probes": ["image/linear_probe", "text/linear_probe"],
+    },
+    "basicmotions": {
+        "recipe": "basicmotions-clip",
+        "modalities": ["accel", "gyro"],
+        "temperature": 0.1,
+        "keys": ["accel->gyro/R@1", "gyro->accel/R@1"],
+        "metric": "R@1",
+        "chance": 0.025,
+        "probes": ["accel/linear_probe", "gyro/linear_probe"],
+    },
+}
+#: The datasets of the paired-fraction and noise sweeps.
+SWEPT = ("av-digits", "emoji")
+
+FRACTIONS = (1.0, 0.1, 0.01, 0.001)
+NOISES = (0.0, 0.2, 0.5)
+PAIRS_PER_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method of a sweep: a name and how it turns into recipe overrides."""
+
+    name: str
+    overrides: Callable[[dict[str, Any]], list[str]]
+    cycled: bool = False  # the pairs are cycled through every batch (data.paired_per_batch)
+    mixed: bool = False  # a mix-paired method (uses the unimodal samples)
+    recipe: str | None = None  # another packaged recipe than the dataset's
+
+
+def _objectives(*objectives: str) -> str:
+    """A ``method=`` override of a composite method of the given objective mappings."""
+    return "method={name: composite, objectives: [" + ", ".join(objectives) + "]}"
+
+
+def _infonce(d: dict[str, Any]) -> str:
+    return f"{{name: infonce, modalities: [{', '.join(d['modalities'])}], temperature: {d['temperature']}}}"
+
+
+def _pseudo(d: dict[str, Any], extra: str) -> str:
+    return f"{{name: pseudo_pairs, modalities: [{', '.join(d['modalities'])}], {extra}}}"
+
+
+PAIRING_METHODS: tuple[Method, ...] = (
+    Method("plain contrastive", lambda d: []),
+    Method("plain contrastive, pairs in every batch", lambda d: [], cycled=True),
+    Method(
+        "mix-paired: + pseudo-pairs (mnn)",
+        lambda d: [
+            _objectives(_infonce(d), _pseudo(d, "warmup_epochs: 6, threshold: 0.8, max_pairs: 500, weight: 0.5"))
+        ],
+        cycled=True,
+        mixed=True,
+    ),
+)
+
+NOISE_METHODS: tuple[Method, ...] = (
+    Method("InfoNCE", lambda d: []),
+    Method(
+        "soft InfoNCE (alpha 0.2)",
+        lambda d: [
+            _objectives(
+                f"{{name: soft_infonce, modalities: [{', '.join(d['modalities'])}], "
+                f"temperature: {d['temperature']}, alpha: 0.2}}"
+            )
+        ],
+    ),
+    Method(
+        "weighted InfoNCE (NCR weights)",
+        lambda d: [
+            _objectives(
+                f"{{name: weighted_infonce, modalities: [{', '.join(d['modalities'])}], "
+                f"temperature: {d['temperature']}, warmup_steps: 100}}"
+            )
+        ],
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training run of a sweep."""
+
+    section: str
+    dataset: str
+    method: Method
+    fraction: float = 1.0
+    noise: float = 0.0
+    offset: int = 0
+    seed: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The row's key in the results file."""
+        key = f"{self.section}|{self.dataset}|{self.method.name}|{self.fraction:g}|{self.noise:g}"
+        return key + (f"|offset {self.offset}|seed {self.seed}" if self.section == "offsets" else "")
+
+    @property
+    def recipe(self) -> str:
+        """The packaged recipe the row trains."""
+        return self.method.recipe or str(DATASETS[self.dataset]["recipe"])
+
+    @property
+    def slug(self) -> str:
+        """A run-directory name."""
+        name = "".join(c if c.isalnum() else "-" for c in self.method.name.lower()).strip("-")
+        slug = f"{self.section}-{self.dataset}-{name}-f{self.fraction:g}-n{self.noise:g}"
+        if self.section == "offsets":
+            slug += f"-o{self.offset}-s{self.seed}"
+        return slug.replace("--", "-")
+
+    def overrides(self) -> list[str]:
+        """``KEY=VALUE`` overrides of the packaged recipe."""
+        out = []
+        if self.fraction < 1.0:
+            out.append(f"data.paired_fraction={self.fraction:g}")
+            if self.method.cycled:
+                out.append(f"data.paired_per_batch={PAIRS_PER_BATCH}")
+        if self.noise > 0.0:
+            out.append(f"data.pair_noise={self.noise:g}")
+        if self.offset:
+            out.append(f"data.max_offset={self.offset}")
+        if self.seed is not None:
+            out.append(f"train.seed={self.seed}")
+        return out + self.method.overrides(DATASETS[self.dataset])
+
+    def command(self, run_dir: Path | str) -> list[str]:
+        """The ``modalign train`` argv of this row."""
+        return ["modalign", "train", self.recipe, *self.overrides(), "--run-dir", str(run_dir)]
+
+
+def pairing_rows(datasets: list[str]) -> list[Row]:
+    """The paired-fraction sweep; at 100% every method is the packaged recipe, so one row."""
+    rows = []
+    for dataset in datasets:
+        rows.append(Row("pairing", dataset, PAIRING_METHODS[0], 1.0))
+        rows += [Row("pairing", dataset, m, f) for f in FRACTIONS[1:] for m in PAIRING_METHODS]
+    return rows
+
+
+def noise_rows(datasets: list[str]) -> list[Row]:
+    """The pair-noise sweep (0% of the robust objectives too: what robustness costs on clean pairs)."""
+    return [Row("noise", d, m, noise=n) for d in datasets for n in NOISES for m in NOISE_METHODS]
+
+
+OFFSET = 20  # basicmotions: a quarter of the 80-step crop, the most the 100-step series allows
+OFFSET_SEEDS = (0, 1, 2)
+OFFSET_METHODS: tuple[Method, ...] = (
+    Method("InfoNCE (basicmotions-clip)", lambda d: []),
+    Method("InfoNCE + soft-DTW on steps (basicmotions-dtw)", lambda d: [], recipe="basicmotions-dtw"),
+)
+
+
+def offset_rows() -> list[Row]:
+    """basicmotions with the gyroscope window shifted by up to ``OFFSET`` steps, per method and seed.
+
+    The first row is the synchronised reference (no offset, the recipe's seed).
+    """
+    rows = [Row("offsets", "basicmotions", OFFSET_METHODS[0], offset=0)]
+    return rows + [
+        Row("offsets", "basicmotions", m, offset=OFFSET, seed=s) for m in OFFSET_METHODS for s in OFFSET_SEEDS
+    ]
+
+
+#: Overrides that do not change what is trained or measured (ignored when adopting a run).
+NEUTRAL = ("eval.plots=", "eval.report=")
+
+
+def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[str], None]) -> None:
+    """Store finished runs made by hand with a row's exact recipe and overrides, under that row.
+
+    The command recorded is the run's own (``command.txt``), so the table shows what really ran.
+
+    Raises:
+        ValueError: If a run directory matches no row, or has no ``eval.json``.
+    """
+    store = json.loads(results.read_text()) if results.exists() else {}
+    for run_dir in run_dirs:
+        line = (run_dir / "command.txt").read_text().splitlines()[-1]
+        argv = line.split()
+        kv = sorted(a for a in argv[3:] if "=" in a and not a.startswith("-") and not a.startswith(NEUTRAL))
+        match = [r for r in rows if r.recipe == argv[2] and sorted(r.overrides()) == kv]
+        if not match:
+            raise ValueError(f"{run_dir}: `{line}` matches no row")
+        epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = json.loads((run_dir / "eval.json").read_text())
+        store.setdefault("runs", {})[match[0].key] = {
+            "command": line,
+            "seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+            "adopted": str(run_dir),
+            "recipe": match[0].recipe,
+            "overrides": match[0].overrides(),
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        }
+        log(f"adopted {run_dir} as {match[0].key}")
+    results.write_text(json.dumps(store, indent=1) + "\n")
+
+
+def shell(argv: list[str]) -> str:
+    """``argv`` as one copy-pasteable shell line (single quotes around arguments with spaces)."""
+    return " ".join(f"'{a}'" if any(c in a for c in " {}[],") else a for a in argv)
+
+
+def run_row(row: Row, runs: Path, threads: int) -> dict[str, Any]:
+    """Train ``row`` in a subprocess; its figures (or the error) and the command."""
+    run_dir = runs / row.slug
+    argv = row.command(run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "modalign", *argv[1:]], capture_output=True, text=True, env=env, check=False
+    )
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "command": shell(argv),
+        "seconds": seconds,
+        "threads": threads,
+        "load_avg_5min": os.getloadavg()[1],
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    result["recipe"], result["overrides"] = row.recipe, row.overrides()
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:] or [f"exit {done.returncode}"]
+        return {**result, "error": " | ".join(tail)}
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    return {**result, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+
+
+def run_rows(rows: list[Row], runs: Path, results: Path, jobs: int, rerun: bool, log: Callable[[str], None]) -> None:
+    """Run the rows not yet in ``results`` (all with ``rerun``), ``jobs`` at a time, saving each."""
+    lock = threading.Lock()
+    store = json.loads(results.read_text()) if results.exists() else {}
+    todo = [r for r in rows if rerun or "metrics" not in store.get("runs", {}).get(r.key, {})]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"{len(todo)} of {len(rows)} rows to run, {jobs} at a time, {threads} thread(s) each")
+
+    def one(row: Row) -> None:
+        same = _same_run(row, store.get("runs", {})) if not rerun else None
+        if same is not None:
+            log(f"{row.key}: the same training as {same[0]}, not run again")
+            result = {**same[1], "same_as": same[0]}
+        else:
+            log(f"start {row.key}")
+            result = run_row(row, runs, threads)
+        with lock:
+            current = json.loads(results.read_text()) if results.exists() else {}
+            current.setdefault("runs", {})[row.key] = result
+            results.write_text(json.dumps(current, indent=1) + "\n")
+        log(f"done {row.key} in {result['seconds']:.0f} s: {figure(row, result)}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def _same_run(row: Row, runs: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """A finished run of another row with the same recipe and overrides (e.g. 0% noise = 100% pairs)."""
+    recipe, overrides = row.recipe, row.overrides()
+    for key, result in runs.items():
+        if "metrics" in result and result.get("recipe") == recipe and result.get("overrides") == overrides:
+            return key, result
+    return None
+
+
+def figure(row: Row, result: dict[str, Any] | None) -> float | None:
+    """The row's figure: mean of the two retrieval directions (``None`` if not run or failed)."""
+    if not result or "metrics" not in result:
+        return None
+    keys = DATASETS[row.dataset]["keys"]
+    return sum(result["metrics"][k] for k in keys) / len(keys)
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+def pairing_table(dataset: str, store: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown table of the paired-fraction sweep of ``dataset`` and the gap-recovery verdict at 1%."""
+    d = DATASETS[dataset]
+    rows = pairing_rows([dataset])
+    runs = store.get("runs", {})
+    full = figure(rows[0], runs.get(rows[0].key))
+    head = (
+        f"| paired | method | {d['keys'][0]} | {d['keys'][1]} | mean | probe {d['modalities'][0]} | "
+        f"probe {d['modalities'][1]} | minutes | command |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        result = runs.get(row.key)
+        m = (result or {}).get("metrics", {})
+        if result and "error" in result:
+            lines.append(f"| {_pct(row.fraction)} | {row.method.name} | failed: {result['error'][:120]} ||||||| |")
+            continue
+        cells = [_cell(m.get(k)) for k in d["keys"]] + [_cell(figure(row, result))]
+        cells += [_cell(m.get(k)) for k in d["probes"]]
+        minutes = f"{result['seconds'] / 60:.1f}" if result else "—"
+        command = f"`{result['command']}`" if result else "not run yet"
+        lines.append(f"| {_pct(row.fraction)} | {row.method.name} | {' | '.join(cells)} | {minutes} | {command} |")
+    verdict = recovery(dataset, 0.01, store, full)
+    lines += ["", verdict["text"]]
+    return lines, {"verdict_1pct": verdict}
+
+
+def recovery(dataset: str, fraction: float, store: dict[str, Any], full: float | None) -> dict[str, Any]:
+    """Gap recovered at ``fraction`` by the best mix-paired method over the best plain contrastive one.
+
+    The baseline is the better of the two plain contrastive rows (shuffled, or pairs in every
+    batch), so a mix-paired method is credited only for what the unimodal samples add.
+    """
+    runs = store.get("runs", {})
+    at = [r for r in pairing_rows([dataset]) if r.fraction == fraction]
+    plain = [(figure(r, runs.get(r.key)), r.method.name) for r in at if not r.method.mixed]
+    mixed = [(figure(r, runs.get(r.key)), r.method.name) for r in at if r.method.mixed]
+    plain = [p for p in plain if p[0] is not None]
+    mixed = [p for p in mixed if p[0] is not None]
+    if full is None or not plain or not mixed:
+        return {"text": f"Gap recovery at {_pct(fraction)}: not all rows are measured yet.", "met": None}
+    base, base_name = max(plain)
+    best, best_name = max(mixed)
+    gap = full - base
+    share = (best - base) / gap if gap > 0 else float("nan")
+    met = share >= 0.5
+    text = (
+        f"At {_pct(fraction)} pairs: best plain contrastive {base:.3f} ({base_name}), 100% pairs {full:.3f}, best "
+        f"mix-paired {best:.3f} ({best_name}): it recovers {100 * share:.0f}% of the gap "
+        f"({'meets' if met else '**does not meet**'} the bar of 50%)."
+    )
+    return {"text": text, "met": met, "share": share, "base": base, "full": full, "best": best}
+
+
+def noise_table(dataset: str, store: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown table of the pair-noise sweep of ``dataset`` and the robustness verdict at 50%."""
+    d = DATASETS[dataset]
+    runs = store.get("runs", {})
+    rows = noise_rows([dataset])
+    lines = [
+        f"| pairs replaced | objective | {d['keys'][0]} | {d['keys'][1]} | mean | minutes | command |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        result = runs.get(row.key)
+        m = (result or {}).get("metrics", {})
+        if result and "error" in result:
+            lines.append(f"| {_pct(row.noise)} | {row.method.name} | failed: {result['error'][:120]} ||||| |")
+            continue
+        cells = [_cell(m.get(k)) for k in d["keys"]] + [_cell(figure(row, result))]
+        minutes = f"{result['seconds'] / 60:.1f}" if result else "—"
+        command = f"`{result['command']}`" if result else "not run yet"
+        lines.append(f"| {_pct(row.noise)} | {row.method.name} | {' | '.join(cells)} | {minutes} | {command} |")
+
+    def value(method: Method, noise: float) -> float | None:
+        r = Row("noise", dataset, method, noise=noise)
+        return figure(r, runs.get(r.key))
+
+    clean = value(NOISE_METHODS[0], 0.0)
+    noisy = value(NOISE_METHODS[0], 0.5)
+    verdict: dict[str, Any] = {"met": None}
+    if clean is not None and noisy is not None:
+        lost = clean - noisy
+        robust = [(value(m, 0.5), m.name) for m in NOISE_METHODS[1:]]
+        robust = [r for r in robust if r[0] is not None]
+        if robust:
+            best, name = max(robust)
+            own_loss = clean - best
+            met = own_loss <= 0.5 * lost
+            verdict = {"met": met, "infonce_loss": lost, "best_loss": own_loss, "best": name}
+            lines += [
+                "",
+                f"At 50% noise InfoNCE loses {lost:.3f} (from {clean:.3f} with clean pairs); the best robust "
+                f"objective ({name}) is at {best:.3f}, {own_loss:.3f} below clean InfoNCE "
+                f"({'meets' if met else '**does not meet**'} the bar: at most half of InfoNCE's loss).",
+            ]
+    return lines, verdict
+
+
+def plot_pairing(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
+    """Figure per dataset across ``datasets`` against paired fraction (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    runs = store.get("runs", {})
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        d = DATASETS[dataset]
+        full_row = Row("pairing", dataset, PAIRING_METHODS[0], 1.0)
+        full = figure(full_row, runs.get(full_row.key))
+        for method in PAIRING_METHODS:
+            xs, ys = [], []
+            for f in FRACTIONS:
+                row = Row("pairing", dataset, PAIRING_METHODS[0] if f == 1.0 else method, f)
+                v = figure(row, runs.get(row.key))
+                if v is not None:
+                    xs.append(100 * f)
+                    ys.append(v)
+            ax.plot(xs, ys, marker="o", label=method.name)
+        if full is not None:
+            ax.axhline(full, color="grey", lw=0.8, ls=":")
+        ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlim(0.05, 200)
+        ax.set_xlabel("paired fraction of the training split (%)")
+        ax.set_ylabel(f"{d['metric']} (mean of both directions)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
+    """Figure per dataset against the fraction of pairs replaced, one line per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    runs = store.get("runs", {})
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        d = DATASETS[dataset]
+        for method in NOISE_METHODS:
+            pts = [
+                (100 * n, figure(r, runs.get(r.key))) for n in NOISES for r in [Row("noise", dataset, method, noise=n)]
+            ]
+            pts = [(x, y) for x, y in pts if y is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.name)
+        ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
+        ax.set_xlabel("training pairs replaced by a random partner (%)")
+        ax.set_ylabel(f"{d['metric']} (mean of both directions)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def offsets_table(store: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Markdown table of the temporal-offset rows, per seed and averaged, and the verdict."""
+    d, runs = DATASETS["basicmotions"], store.get("runs", {})
+    lines = [
+        f"Each gyroscope window is shifted against its accelerometer window by a random offset in "
+        f"[-{OFFSET}, {OFFSET}] steps (`data.max_offset={OFFSET}`: fresh per read in training, fixed per "
+        f"test sample by `offset_seed`, so every row is scored on the same 40 unaligned test pairs; "
+        f"chance R@1 {d['chance']}; one query is 0.025).",
+        "",
+        f"| method | offset | seed | {d['keys'][0]} | {d['keys'][1]} | minutes | command |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in offset_rows():
+        result = runs.get(row.key)
+        m = (result or {}).get("metrics", {})
+        minutes = f"{result['seconds'] / 60:.1f}" if result else "—"
+        command = f"`{result['command']}`" if result else "not run yet"
+        cells = " | ".join(_cell(m.get(k)) for k in d["keys"])
+        seed = "recipe's" if row.seed is None else row.seed
+        lines.append(f"| {row.method.name} | {row.offset} | {seed} | {cells} | {minutes} | {command} |")
+    means: dict[str, list[float | None]] = {}
+    for method in OFFSET_METHODS:
+        got = [runs.get(Row("offsets", "basicmotions", method, offset=OFFSET, seed=s).key) for s in OFFSET_SEEDS]
+        done = [g["metrics"] for g in got if g and "metrics" in g]
+        means[method.name] = [sum(x[k] for x in done) / len(done) if done else None for k in d["keys"]]
+    lines += [
+        "",
+        f"| method (offset {OFFSET}) | mean {d['keys'][0]} | mean {d['keys'][1]} | seeds |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {_cell(v[0])} | {_cell(v[1])} | {len(OFFSET_SEEDS)} |" for name, v in means.items()]
+    base, dtw = means[OFFSET_METHODS[0].name], means[OFFSET_METHODS[1].name]
+    verdict: dict[str, Any] = {"means": means, "met": None}
+    if None not in base and None not in dtw:
+        met = all(b is not None and t is not None and t > b for b, t in zip(base, dtw, strict=True))
+        verdict["met"] = met
+        lines += [
+            "",
+            f"Mean over {len(OFFSET_SEEDS)} seeds: soft-DTW {'beats' if met else '**does not beat**'} plain InfoNCE "
+            f"in both directions ({dtw[0]:.3f} vs {base[0]:.3f}, {dtw[1]:.3f} vs {base[1]:.3f}).",
+        ]
+    return lines, verdict
