@@ -354,6 +354,48 @@ def test_mixed_batches_through_a_data_loader() -> None:
         assert int(both.sum()) == 4 and bool((batch.present["a"] | batch.present["b"]).all())
 
 
+@pytest.mark.parametrize("views", [2, 3])
+def test_unimodal_views_repeat_each_unimodal_sample_in_its_batch(views: int) -> None:
+    view = PairingView(Toy(40), paired_fraction=0.5, seed=0, paired_per_batch=2, unimodal_views=views)
+    sampler = MixedBatches(view, 2 + 2 * views, 2, seed=1, views=views)  # 2 pairs + 2 samples x views
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 40 // 2  # still one pass over the 40 unimodal samples
+    paired = set(view.paired_indices.tolist())
+    seen: list[int] = []
+    for b in batches:
+        unimodal = [i for i in b if i not in paired]
+        assert len(b) == 2 + 2 * views and sum(i in paired for i in b) == 2
+        assert sorted(unimodal.count(i) for i in set(unimodal)) == [views, views]
+        seen += sorted(set(unimodal))
+    assert sorted(seen) == sorted(view.unimodal_indices.tolist())  # each unimodal sample in one batch
+
+
+def test_unimodal_views_are_independent_reads_through_a_loader() -> None:
+    class Noisy(Toy):  # an augmentation: every read draws
+        def value(self, index: int, m: str) -> torch.Tensor:
+            return super().value(index, m) + torch.rand(())
+
+    view = PairingView(Noisy(40), paired_fraction=0.5, seed=0, paired_per_batch=2, unimodal_views=2)
+    sampler = MixedBatches(view, 6, 2, views=2)
+    batch = next(iter(DataLoader(view, batch_sampler=sampler, collate_fn=Collator(view.modalities))))
+    for m, other in (("a", "b"), ("b", "a")):
+        alone = batch.present[m] & ~batch.present[other]
+        ids = batch.ids[alone]
+        for sample in ids.unique():
+            rows = batch.data[m][alone][ids == sample]
+            assert len(rows) == 2 and not torch.equal(rows[0], rows[1])  # two reads, two draws
+
+
+@pytest.mark.parametrize(
+    ("views", "per_batch", "batch_size"),
+    [(0, 2, 6), (2, None, 6), (3, 2, 6), (True, 2, 6)],
+)
+def test_unimodal_view_errors_name_the_key(views: Any, per_batch: int | None, batch_size: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        MixedBatches(PairingView(Toy(40), paired_fraction=0.5), batch_size, per_batch, views=views)
+    assert err.value.path == "data.unimodal_views"
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -435,6 +477,9 @@ def recipe_tree(**data: Any) -> dict[str, Any]:
         ({"pair_noise": -1}, "data.pair_noise"),
         ({"paired_per_batch": "many"}, "data.paired_per_batch"),
         ({"paired_per_batch": 17}, "data.paired_per_batch"),
+        ({"unimodal_views": 2}, "data.unimodal_views"),
+        ({"unimodal_views": 3, "paired_per_batch": 5}, "data.unimodal_views"),
+        ({"unimodal_views": 0, "paired_per_batch": 4}, "data.unimodal_views"),
     ],
 )
 def test_recipe_validation_names_the_key(data: dict[str, Any], key: str) -> None:
@@ -453,7 +498,12 @@ def test_recipe_refuses_pairing_of_a_shard_stream() -> None:
 
 def test_recipe_keys_are_documented() -> None:
     lines = "\n".join(describe_keys())
-    for key in ("data.paired_fraction (float, default 1.0)", "data.pair_noise", "data.paired_per_batch"):
+    for key in (
+        "data.paired_fraction (float, default 1.0)",
+        "data.pair_noise",
+        "data.paired_per_batch",
+        "data.unimodal_views",
+    ):
         assert key in lines
 
 

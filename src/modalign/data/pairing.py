@@ -61,6 +61,7 @@ from modalign.data.preview import Preview
 PAIRED_FRACTION = "data.paired_fraction"
 PAIR_NOISE = "data.pair_noise"
 PAIRED_PER_BATCH = "data.paired_per_batch"
+UNIMODAL_VIEWS = "data.unimodal_views"
 _SALT = 0x9A12
 
 
@@ -93,6 +94,27 @@ def check_paired_per_batch(value: int | None, batch_size: int | None = None) -> 
         upper = "" if batch_size is None else f" and at most the batch size {batch_size}"
         raise ConfigError(PAIRED_PER_BATCH, f"must be null or an integer >= 0{upper}, got {value!r}")
     return value
+
+
+def check_views(views: int, paired_per_batch: int | None, batch_size: int | None = None) -> int:
+    """Return ``unimodal_views``: an integer ``>= 1``; above 1 only with mixed batches whose unimodal part it divides.
+
+    Raises:
+        ConfigError: At ``data.unimodal_views`` otherwise.
+    """
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ConfigError(UNIMODAL_VIEWS, f"must be an integer >= 1, got {views!r}")
+    if views > 1 and paired_per_batch is None:
+        raise ConfigError(UNIMODAL_VIEWS, f"{views} views need mixed batches: set data.paired_per_batch too")
+    if views > 1 and batch_size is not None and paired_per_batch is not None:
+        rest = batch_size - paired_per_batch
+        if rest % views:
+            raise ConfigError(
+                UNIMODAL_VIEWS,
+                f"must divide the {rest} unimodal rows of a batch (batch size {batch_size} - {paired_per_batch} "
+                f"pairs), got {views}",
+            )
+    return views
 
 
 @contextmanager
@@ -198,6 +220,9 @@ class PairingView(DatasetView):
         noise_modality: The modality replaced in noisy pairs; ``None``: the second in sorted order.
         paired_per_batch: Pairs per batch for :class:`MixedBatches`, kept for whoever builds
             the loader (``None``: plain shuffling); not used by the view itself.
+        unimodal_views: Reads of each unimodal sample per batch for :class:`MixedBatches`
+            (independently augmented views for within-modality objectives); kept like
+            ``paired_per_batch``.
 
     Raises:
         ConfigError: At ``data.paired_fraction``/``data.pair_noise``/``data.paired_per_batch``
@@ -213,10 +238,12 @@ class PairingView(DatasetView):
         seed: int = 0,
         noise_modality: str | None = None,
         paired_per_batch: int | None = None,
+        unimodal_views: int = 1,
     ) -> None:
         self.paired_fraction = check_fraction(PAIRED_FRACTION, paired_fraction)
         self.pair_noise = check_fraction(PAIR_NOISE, pair_noise)
         self.paired_per_batch = check_paired_per_batch(paired_per_batch)
+        self.unimodal_views = check_views(unimodal_views, self.paired_per_batch)
         self._names = tuple(sorted(dataset.modalities))
         self._check_modalities(dataset)
         self.noise_modality = self._names[1] if noise_modality is None else noise_modality
@@ -346,7 +373,11 @@ class MixedBatches(Sampler[list[int]]):
     a whole batch is dropped), while the kept pairs, usually far fewer, are **cycled** through
     fresh shuffles as often as the epoch needs (each used ``q`` or ``q + 1`` times), as
     semi-supervised samplers cycle their small labelled set. Batches of pairs only
-    (``paired_per_batch == batch_size``) pass over the pairs once. With
+    (``paired_per_batch == batch_size``) pass over the pairs once. With ``views > 1`` the
+    unimodal part of a batch holds ``(batch_size - paired_per_batch) / views`` unimodal samples,
+    each index repeated ``views`` times, so the loader reads (and augments) each of them
+    ``views`` times: rows with one content id for within-modality objectives
+    (``unimodal_infonce``); an epoch still uses each unimodal sample once. With
     ``paired_per_batch=None`` it shuffles every derived sample together (``len(view) //
     batch_size`` batches). Pass it as a ``DataLoader``'s ``batch_sampler``; call ``set_epoch``
     before each epoch.
@@ -357,19 +388,27 @@ class MixedBatches(Sampler[list[int]]):
         paired_per_batch: Kept samples per batch, ``0 .. batch_size``; ``None``: plain shuffling.
         seed: Seed of the shuffles.
         epoch: First epoch.
+        views: Reads of each unimodal sample in its batch.
 
     Raises:
         ConfigError: At ``data.paired_per_batch`` for a value outside ``[0, batch_size]`` or one
             that leaves no full batch; at ``train.batch_size`` for a batch size below 1 or one
-            larger than the view.
+            larger than the view; at ``data.unimodal_views`` as ``check_views``.
     """
 
     def __init__(
-        self, view: PairingView, batch_size: int, paired_per_batch: int | None = None, seed: int = 0, epoch: int = 0
+        self,
+        view: PairingView,
+        batch_size: int,
+        paired_per_batch: int | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        views: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ConfigError("train.batch_size", f"must be >= 1, got {batch_size}")
         self.paired_per_batch = check_paired_per_batch(paired_per_batch, batch_size)
+        self.views = check_views(views, self.paired_per_batch, batch_size)
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self._paired = view.paired_indices.numpy()
         self._unimodal = view.unimodal_indices.numpy()
@@ -394,7 +433,7 @@ class MixedBatches(Sampler[list[int]]):
         """Full batches per epoch."""
         if self.paired_per_batch is None:
             return (len(self._paired) + len(self._unimodal)) // self.batch_size
-        rest = self.batch_size - self.paired_per_batch
+        rest = (self.batch_size - self.paired_per_batch) // self.views
         if rest == 0:
             return len(self._paired) // self.batch_size
         if self.paired_per_batch > 0 and len(self._paired) == 0:
@@ -411,5 +450,6 @@ class MixedBatches(Sampler[list[int]]):
         cycles = -(-n * k // max(len(self._paired), 1))
         drawn = [rng.permutation(self._paired) for _ in range(cycles)]
         paired = (np.concatenate(drawn) if drawn else self._paired)[: n * k].reshape(n, k)
-        unimodal = rng.permutation(self._unimodal)[: n * (self.batch_size - k)].reshape(n, self.batch_size - k)
+        rest = (self.batch_size - k) // self.views
+        unimodal = rng.permutation(self._unimodal)[: n * rest].reshape(n, rest).repeat(self.views, axis=1)
         return iter(rng.permuted(np.concatenate([paired, unimodal], axis=1), axis=1).tolist())

@@ -66,6 +66,7 @@ def build_dataset(
             keys.pair_noise,
             seed=recipe.train.seed,
             paired_per_batch=keys.paired_per_batch,
+            unimodal_views=keys.unimodal_views,
         )
     return with_encoder_inputs(recipe, dataset)
 

@@ -417,7 +417,10 @@ class Trainer:
 
     def _mixed_batches(self, epoch: int) -> MixedBatches:
         assert self.mixed is not None
-        return MixedBatches(self.mixed, self.cfg.batch_size, self.mixed.paired_per_batch, self.cfg.seed, epoch)
+        mixed = self.mixed
+        return MixedBatches(
+            mixed, self.cfg.batch_size, mixed.paired_per_batch, self.cfg.seed, epoch, mixed.unimodal_views
+        )
 
     def _loader(self, seed: int, done: int = 0, epoch: int = 0) -> Any:
         """The epoch's shuffled batches: the whole batch in one process, this rank's slice of it under DDP.

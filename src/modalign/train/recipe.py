@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from modalign.core.config import apply_overrides, check_component
 from modalign.core.errors import ConfigError
 from modalign.core.registry import lookup
+from modalign.data.pairing import check_views
 from modalign.methods.presets import ENTRY_KEYS, entry_labels
 
 #: Constructor arguments the framework fills in (a recipe may not set them).
@@ -66,11 +67,23 @@ class DataPairing(_Section):
         "(modalign.data.pairing.MixedBatches; the unimodal samples set the epoch, the pairs are cycled); null = "
         "plain shuffling. One process only for now.",
     )
+    unimodal_views: int = Field(
+        1,
+        ge=1,
+        description="With data.paired_per_batch: reads of each unimodal sample in its batch (independently "
+        "augmented views with one content id, for within-modality objectives such as unimodal_infonce); it must "
+        "divide the unimodal rows of a batch.",
+    )
 
     @property
     def active(self) -> bool:
         """Whether any key differs from its default (the train split is then wrapped)."""
-        return self.paired_fraction < 1.0 or self.pair_noise > 0.0 or self.paired_per_batch is not None
+        return (
+            self.paired_fraction < 1.0
+            or self.pair_noise > 0.0
+            or self.paired_per_batch is not None
+            or self.unimodal_views > 1
+        )
 
 
 class ModelConfig(_Section):
@@ -251,7 +264,8 @@ def check_pairing(recipe: Recipe, pairing: DataPairing) -> None:
     """Check the pairing keys against the rest of the recipe.
 
     Raises:
-        ConfigError: ``data.paired_per_batch`` above ``train.batch_size``, or pairing keys with
+        ConfigError: ``data.paired_per_batch`` above ``train.batch_size``, ``data.unimodal_views``
+            without mixed batches or not dividing their unimodal rows, or pairing keys with
             ``train.shards`` (a stream is not re-paired: write the shards from a paired recipe).
     """
     if pairing.paired_per_batch is not None and pairing.paired_per_batch > recipe.train.batch_size:
@@ -259,6 +273,7 @@ def check_pairing(recipe: Recipe, pairing: DataPairing) -> None:
             "data.paired_per_batch",
             f"must be at most train.batch_size = {recipe.train.batch_size}, got {pairing.paired_per_batch}",
         )
+    check_views(pairing.unimodal_views, pairing.paired_per_batch, recipe.train.batch_size)
     if pairing.active and recipe.train.shards is not None:
         key = next(f"data.{k}" for k, f in DataPairing.model_fields.items() if getattr(pairing, k) != f.default)
         raise ConfigError(
