@@ -172,7 +172,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if args.adopt:
         runs_mod.adopt(rows, [Path(d) for d in args.adopt], RESULTS, log)
     elif not args.table:
-        runs_mod.run_rows(rows, Path(args.runs), RESULTS, args.jobs, args.rerun, log)
+        runs_mod.run_rows(rows, Path(args.runs), RESULTS, args.jobs, args.rerun, log, args.threads)
     store = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.only == "offsets":
         return runs_mod.offsets_table(store)
@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(runs_mod.SWEPT), choices=list(runs_mod.SWEPT))
     parser.add_argument("--rows", nargs="*", help="Sweeps: run only rows whose key contains one of these.")
     parser.add_argument("--jobs", type=int, default=1, help="Sweeps: training runs at a time.")
+    parser.add_argument("--threads", type=int, help="Sweeps: threads per run (default: cores / jobs).")
     parser.add_argument("--runs", default="/tmp/modalign-unaligned", help="Sweeps: where the run directories go.")
     parser.add_argument("--rerun", action="store_true", help="Sweeps: run rows again even if stored.")
     parser.add_argument("--table", action="store_true", help="Sweeps: only rewrite the tables from stored rows.")

@@ -106,6 +106,19 @@ PAIRING_METHODS: tuple[Method, ...] = (
         cycled=True,
         mixed=True,
     ),
+    Method(
+        "mix-paired: + unimodal SimCLR on the pools (2 views)",
+        lambda d: [
+            "data.unimodal_views=2",
+            _objectives(
+                _infonce(d),
+                f"{{name: unimodal_infonce, modalities: [{', '.join(d['modalities'])}], "
+                "temperature: 0.1, dim: 128, weight: 0.5}",
+            ),
+        ],
+        cycled=True,
+        mixed=True,
+    ),
 )
 
 NOISE_METHODS: tuple[Method, ...] = (
@@ -280,12 +293,23 @@ def run_row(row: Row, runs: Path, threads: int) -> dict[str, Any]:
     return {**result, "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
 
 
-def run_rows(rows: list[Row], runs: Path, results: Path, jobs: int, rerun: bool, log: Callable[[str], None]) -> None:
-    """Run the rows not yet in ``results`` (all with ``rerun``), ``jobs`` at a time, saving each."""
+def run_rows(
+    rows: list[Row],
+    runs: Path,
+    results: Path,
+    jobs: int,
+    rerun: bool,
+    log: Callable[[str], None],
+    threads: int | None = None,
+) -> None:
+    """Run the rows not yet in ``results`` (all with ``rerun``), ``jobs`` at a time, saving each.
+
+    Each run gets ``threads`` intra-op threads (default: the cores shared among the jobs).
+    """
     lock = threading.Lock()
     store = json.loads(results.read_text()) if results.exists() else {}
     todo = [r for r in rows if rerun or "metrics" not in store.get("runs", {}).get(r.key, {})]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     log(f"{len(todo)} of {len(rows)} rows to run, {jobs} at a time, {threads} thread(s) each")
 
     def one(row: Row) -> None:

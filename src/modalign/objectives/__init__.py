@@ -3,8 +3,8 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), and the families added by the modules
-imported below.
+``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
+discrimination (``unimodal_infonce``), and the families added by the modules imported below.
 """
 
 from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
@@ -39,6 +39,7 @@ from modalign.objectives.unaligned import (
     soft_infonce_loss,
     weighted_infonce_loss,
 )
+from modalign.objectives.unimodal import UnimodalInfoNCE, unimodal_infonce_loss
 
 __all__ = [
     "DCL",
@@ -63,6 +64,7 @@ __all__ = [
     "SigmoidLoss",
     "SoftDTW",
     "SoftInfoNCE",
+    "UnimodalInfoNCE",
     "VICReg",
     "WeightedInfoNCE",
     "agreement_weights",
@@ -92,6 +94,7 @@ __all__ = [
     "soft_dtw_loss",
     "soft_infonce_loss",
     "swapped_prediction_loss",
+    "unimodal_infonce_loss",
     "vicreg_loss",
     "weighted_infonce_loss",
     "xdc_loss",
