@@ -6,7 +6,9 @@ builds ``open_clip.model.CLIP`` from the config; modalign builds the same widths
 patch, context length and vocabulary from its own components (``image_vit``,
 ``text_transformer``, linear heads, ``clip`` method). A step is forward, InfoNCE loss, backward
 and an AdamW update on random images ``[B, 3, 224, 224]`` and token ids ``[B, 77]``, in fp32 and
-under bf16 autocast. Rounds are interleaved (every implementation once per round) so load from
+under bf16 autocast. Each library's step uses the optimizer its trainer uses: open_clip's
+``train.py`` builds ``torch.optim.AdamW`` with torch's default implementation (per-parameter
+loop on CPU), modalign's trainer ``make_optimizer`` (fused AdamW where supported). Rounds are interleaved (every implementation once per round) so load from
 other processes hits them alike; the table gives the median.
 
 Also measured: activation checkpointing (modalign ``checkpoint: true`` on both towers;
@@ -52,6 +54,7 @@ from losses import cpu_name, peak_tensor_bytes
 
 from modalign.core import Batch, ModalitySpec
 from modalign.train.build import build_method
+from modalign.train.loop import make_optimizer
 from modalign.train.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,9 +166,10 @@ def make_steps(
     for name, ckpt in (("modalign", False), ("modalign+ckpt", True)):
         recipe, specs = modalign_recipe(cfg, ckpt)
         torch.manual_seed(0)
-        method = build_method(validate_recipe(recipe), specs)
+        validated = validate_recipe(recipe)
+        method = build_method(validated, specs)
         method.train()
-        opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+        opt = make_optimizer(method, validated.train)  # the trainer's AdamW (fused where supported)
 
         def ma_step(bf16: bool, method: Any = method, opt: Any = opt) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -112,8 +112,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fused_adamw_supported(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW kernel takes ``params``: plain floating tensors on CPU or CUDA.
+
+    Sharded parameters (FSDP's ``DTensor``) and other devices keep the per-parameter loop.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return all(
+        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
+
+
 def make_optimizer(method: Method, cfg: TrainConfig) -> AdamW:
-    """AdamW with weight decay only on weight matrices/kernels (ndim >= 2)."""
+    """AdamW with weight decay only on weight matrices/kernels (ndim >= 2).
+
+    The fused kernel (``fused=True``) where the parameters allow it (``fused_adamw_supported``):
+    the same update as the per-parameter loop to rounding, without the loop's temporaries the
+    size of each parameter (``exp_avg_sq.sqrt() / ...``), which set the peak memory of a step
+    once activations are checkpointed (docs/scaling.md), and faster.
+    """
     skip = method.no_weight_decay()
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -121,7 +139,8 @@ def make_optimizer(method: Method, cfg: TrainConfig) -> AdamW:
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    fused = fused_adamw_supported(decay + no_decay) or None
+    return AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Any:
