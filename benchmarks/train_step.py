@@ -6,9 +6,10 @@ builds ``open_clip.model.CLIP`` from the config; modalign builds the same widths
 patch, context length and vocabulary from its own components (``image_vit``,
 ``text_transformer``, linear heads, ``clip`` method). A step is forward, InfoNCE loss, backward
 and an AdamW update on random images ``[B, 3, 224, 224]`` and token ids ``[B, 77]``, in fp32 and
-under bf16 autocast. Each library's step uses the optimizer its trainer uses: open_clip's
-``train.py`` builds ``torch.optim.AdamW`` with torch's default implementation (per-parameter
-loop on CPU), modalign's trainer ``make_optimizer`` (fused AdamW where supported). Rounds are interleaved (every implementation once per round) so load from
+under bf16 autocast. Each library's step uses the optimizer its trainer builds: open_clip's
+``train.py`` ``torch.optim.AdamW`` with torch's default implementation (per-parameter loop on
+CPU), modalign's ``make_optimizer`` with ``train.fused_adamw: true`` (torch's fused kernel;
+off by default in recipes). Rounds are interleaved (every implementation once per round) so load from
 other processes hits them alike; the table gives the median.
 
 Also measured: activation checkpointing (modalign ``checkpoint: true`` on both towers;
@@ -118,6 +119,7 @@ def modalign_recipe(cfg: dict[str, Any], checkpoint: bool) -> tuple[dict[str, An
         "data": {"name": "av-digits"},
         "model": {"embed_dim": cfg["embed_dim"], "encoders": encoders, "head": {"name": "linear"}},
         "method": {"name": "clip"},
+        "train": {"fused_adamw": True},
     }
     specs = {
         "image": ModalitySpec("image", channels=3, size=v["image_size"]),
@@ -169,7 +171,7 @@ def make_steps(
         validated = validate_recipe(recipe)
         method = build_method(validated, specs)
         method.train()
-        opt = make_optimizer(method, validated.train)  # the trainer's AdamW (fused where supported)
+        opt = make_optimizer(method, validated.train)  # the trainer's AdamW, with train.fused_adamw
 
         def ma_step(bf16: bool, method: Any = method, opt: Any = opt) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -16,23 +16,25 @@ from modalign.train.recipe import TrainConfig, validate_recipe
 SPECS = {m: ModalitySpec("vector", channels=6) for m in ("a", "b")}
 
 
-def small_method() -> tuple[Method, TrainConfig]:
+def small_method(fused: bool = True) -> tuple[Method, TrainConfig]:
     torch.manual_seed(0)
     recipe = validate_recipe(
         {
             "data": {"name": "av-digits"},
             "model": {"embed_dim": 4, "encoders": {m: {"name": "vector_mlp", "dim": 8, "hidden": 8} for m in SPECS}},
             "method": {"name": "clip"},
-            "train": {"lr": 0.01, "weight_decay": 0.1},
+            "train": {"lr": 0.01, "weight_decay": 0.1, "fused_adamw": fused},
         }
     )
     return build_method(recipe, SPECS), recipe.train
 
 
-def test_fused_on_plain_cpu_parameters_and_not_on_other_devices() -> None:
+def test_fused_when_asked_on_plain_cpu_parameters_and_not_on_other_devices() -> None:
     method, cfg = small_method()
     opt = make_optimizer(method, cfg)
     assert all(group["fused"] for group in opt.param_groups)
+    default, cfg_default = small_method(fused=False)
+    assert not any(group["fused"] for group in make_optimizer(default, cfg_default).param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
     assert fused_adamw_supported(list(method.parameters()))
