@@ -10,7 +10,6 @@ and its registration in a composite recipe.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,32 +23,12 @@ from modalign.methods import Method
 from modalign.objectives import UnimodalInfoNCE, nt_xent_loss, unimodal_infonce_loss
 from modalign.train.build import build_method
 from modalign.train.recipe import validate_recipe
+from support.reference import assert_same_value_and_grad, leaves, normed
 
 F64 = torch.float64
 SCALE = torch.tensor(math.log(1 / 0.2), dtype=F64)
 EMBED = 16
 SPECS = {"x": ModalitySpec("vector", channels=32), "y": ModalitySpec("vector", channels=32)}
-
-
-def normed(n: int, e: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, e, generator=g, dtype=F64), dim=-1)
-
-
-def leaves(*ts: Tensor) -> list[Tensor]:
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def assert_same_value_and_grad(fn: Callable[..., Tensor], ref: Callable[..., Tensor], *inputs: Tensor) -> None:
-    """``fn`` and ``ref`` agree in value and in the gradient of every input (float64, rtol 1e-8)."""
-    xs, ys = leaves(*inputs), leaves(*inputs)
-    got, want = fn(*xs), ref(*ys)
-    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
-    got.backward()
-    want.backward()
-    for x, y in zip(xs, ys, strict=True):
-        assert x.grad is not None and y.grad is not None
-        torch.testing.assert_close(x.grad, y.grad, rtol=1e-8, atol=1e-10)
 
 
 def loop_loss(z: Tensor, content: list[int], logit_scale: Tensor) -> Tensor:
