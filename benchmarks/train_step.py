@@ -55,7 +55,7 @@ from losses import cpu_name, peak_tensor_bytes
 
 from modalign.core import Batch, ModalitySpec
 from modalign.train.build import build_method
-from modalign.train.loop import make_optimizer
+from modalign.train.optim import make_optimizer
 from modalign.train.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

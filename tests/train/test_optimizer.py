@@ -10,7 +10,7 @@ from torch.optim import AdamW
 from modalign.core import ModalitySpec
 from modalign.methods import Method
 from modalign.train.build import build_method
-from modalign.train.loop import fused_adamw_supported, make_optimizer
+from modalign.train.optim import fused_adamw_supported, make_optimizer
 from modalign.train.recipe import TrainConfig, validate_recipe
 
 SPECS = {m: ModalitySpec("vector", channels=6) for m in ("a", "b")}
