@@ -163,7 +163,12 @@ def sweep_rows(args: argparse.Namespace) -> list[runs_mod.Row]:
         rows = runs_mod.pairing_rows(args.datasets)
     else:
         rows = runs_mod.noise_rows(args.datasets)
-    return [r for r in rows if not args.rows or any(part in r.key for part in args.rows)]
+    return [r for r in rows if not args.rows or any(row_matches(r.key, part) for part in args.rows)]
+
+
+def row_matches(key: str, part: str) -> bool:
+    """``--rows`` filter: ``part`` occurs in the row key, or equals it when ``part`` ends with ``$``."""
+    return key == part[:-1] if part.endswith("$") else part in key
 
 
 def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -210,7 +215,9 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=10, help="Mutual-neighbour Procrustes iterations.")
     parser.add_argument("--cache", help="File keeping the sentence embeddings between runs (written if absent).")
     parser.add_argument("--datasets", nargs="+", default=list(runs_mod.SWEPT), choices=list(runs_mod.SWEPT))
-    parser.add_argument("--rows", nargs="*", help="Sweeps: run only rows whose key contains one of these.")
+    parser.add_argument(
+        "--rows", nargs="*", help="Sweeps: only rows whose key contains one of these (or equals one ending in $)."
+    )
     parser.add_argument("--jobs", type=int, default=1, help="Sweeps: training runs at a time.")
     parser.add_argument("--threads", type=int, help="Sweeps: threads per run (default: cores / jobs).")
     parser.add_argument("--runs", default="/tmp/modalign-unaligned", help="Sweeps: where the run directories go.")
