@@ -34,11 +34,11 @@ from modalign.data.pairing import PairingView
 from modalign.methods import Method
 from modalign.objectives import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
 from modalign.objectives.pseudo_pairs import MinedPairs, most_confident, neighbourhood_means
-from modalign.train.build import build_method
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
-from modalign.train.recipe import TrainConfig, validate_recipe
+from modalign.train.recipe import TrainConfig
 from support.ddp import init_gloo, spawn_ranks
+from support.reference import composite_method
 
 F64 = torch.float64
 EMBED = 16
@@ -234,16 +234,7 @@ class Linked(MultimodalDataset):
 
 
 def make_method(objectives: list[dict[str, Any]], seed: int = 0) -> Method:
-    recipe = {
-        "data": {"name": "av-digits"},
-        "model": {
-            "embed_dim": EMBED,
-            "encoders": {m: {"name": "vector_mlp", "dim": 32, "hidden": 64} for m in SPECS},
-        },
-        "method": {"name": "composite", "objectives": objectives},
-    }
-    torch.manual_seed(seed)
-    return build_method(validate_recipe(recipe), SPECS)
+    return composite_method(objectives, SPECS, EMBED, seed)
 
 
 def split_batches(n: int = 120, fraction: float = 0.2) -> list[Batch]:

@@ -21,9 +21,7 @@ from modalign.core import Batch, ConfigError, ModalitySpec, Outputs
 from modalign.core.registry import create, lookup
 from modalign.methods import Method
 from modalign.objectives import UnimodalInfoNCE, nt_xent_loss, unimodal_infonce_loss
-from modalign.train.build import build_method
-from modalign.train.recipe import validate_recipe
-from support.reference import assert_same_value_and_grad, leaves, normed
+from support.reference import assert_same_value_and_grad, composite_method, leaves, normed
 
 F64 = torch.float64
 SCALE = torch.tensor(math.log(1 / 0.2), dtype=F64)
@@ -226,16 +224,7 @@ def test_registered() -> None:
 
 
 def make_method(objectives: list[dict[str, Any]], seed: int = 0) -> Method:
-    recipe = {
-        "data": {"name": "av-digits"},
-        "model": {
-            "embed_dim": EMBED,
-            "encoders": {m: {"name": "vector_mlp", "dim": 32, "hidden": 64} for m in SPECS},
-        },
-        "method": {"name": "composite", "objectives": objectives},
-    }
-    torch.manual_seed(seed)
-    return build_method(validate_recipe(recipe), SPECS)
+    return composite_method(objectives, SPECS, EMBED, seed)
 
 
 def the_objective(method: Method) -> UnimodalInfoNCE:
