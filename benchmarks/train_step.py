@@ -10,7 +10,10 @@ under bf16 autocast. Each library's step uses the optimizer its trainer builds: 
 ``train.py`` ``torch.optim.AdamW`` with torch's default implementation (per-parameter loop on
 CPU), modalign's ``make_optimizer`` with ``train.fused_adamw: true`` (torch's fused kernel;
 off by default in recipes). Rounds are interleaved (every implementation once per round) so load from
-other processes hits them alike; the table gives the median.
+other processes hits them alike, and each round starts one implementation later than the last,
+so no implementation always runs right after the same one (a step after a checkpointed step
+or after the other library's step can differ by ~5% from allocator and cache state); the table
+gives the median.
 
 Also measured: activation checkpointing (modalign ``checkpoint: true`` on both towers;
 open_clip's ``set_grad_checkpointing``): step time and peak tensor memory (bytes held by tensors
@@ -192,10 +195,11 @@ def measure(steps: dict[str, Callable[[bool], Tensor]], rounds: int, batch: int,
         times: dict[str, list[float]] = {name: [] for name in steps}
         for fn in steps.values():  # warm-up
             fn(bf16)
-        for _ in range(rounds):
-            for name, fn in steps.items():
+        names = list(steps)
+        for r in range(rounds):  # each round starts one implementation later: no fixed predecessor
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = time.perf_counter()
-                fn(bf16)
+                steps[name](bf16)
                 times[name].append(time.perf_counter() - start)
         for name, fn in steps.items():
             peak = peak_tensor_bytes(lambda fn=fn, bf16=bf16: fn(bf16))[0] if memory else 0
