@@ -107,6 +107,17 @@ PAIRING_METHODS: tuple[Method, ...] = (
         mixed=True,
     ),
     Method(
+        "mix-paired: + pseudo-pairs (anchor-guided clusters)",
+        lambda d: [
+            _objectives(
+                _infonce(d),
+                _pseudo(d, "matching: clusters, clusters: 10, threshold: -1.0, warmup_epochs: 4, weight: 1.0"),
+            )
+        ],
+        cycled=True,
+        mixed=True,
+    ),
+    Method(
         "mix-paired: + unimodal SimCLR on the pools (2 views)",
         lambda d: [
             "data.unimodal_views=2",
@@ -138,6 +149,15 @@ NOISE_METHODS: tuple[Method, ...] = (
             _objectives(
                 f"{{name: weighted_infonce, modalities: [{', '.join(d['modalities'])}], "
                 f"temperature: {d['temperature']}, warmup_steps: 100}}"
+            )
+        ],
+    ),
+    Method(
+        "NCR InfoNCE (split-level weights)",
+        lambda d: [
+            _objectives(
+                f"{{name: ncr_infonce, modalities: [{', '.join(d['modalities'])}], "
+                f"temperature: {d['temperature']}, warmup_epochs: 5}}"
             )
         ],
     ),

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modalign.alignment import sinkhorn
-from modalign.core import Batch, ConfigError, ModalitySpec, Outputs, Sample
+from modalign.core import Batch, ConfigError, Outputs
 from modalign.core.registry import create, lookup
 from modalign.core.types import EpochContext
-from modalign.data.base import MultimodalDataset
 from modalign.data.collate import collate
 from modalign.data.pairing import PairingView
 from modalign.methods import Method
@@ -38,11 +37,11 @@ from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
 from support.ddp import init_gloo, spawn_ranks
+from support.linked import SPECS, Linked, top1
 from support.reference import composite_method
 
 F64 = torch.float64
 EMBED = 16
-SPECS = {"x": ModalitySpec("vector", channels=32), "y": ModalitySpec("vector", channels=32)}
 
 
 # ------------------------------------------------------------------------------------ mining
@@ -211,28 +210,6 @@ def test_no_query_gives_a_connected_zero() -> None:
 # ------------------------------------------------------------------------------------ epoch start
 
 
-class Linked(MultimodalDataset):
-    """x = z A + noise and y = z B + noise from a latent ``z [n, 8]``; A, B fixed, ``z`` per split."""
-
-    def __init__(self, split: str = "train", n: int = 800, noise: float = 0.5) -> None:
-        g = torch.Generator().manual_seed(0)
-        maps = {m: torch.randn(8, spec.channels, generator=g) for m, spec in SPECS.items()}
-        g = torch.Generator().manual_seed(1 if split == "train" else 2)
-        z = torch.randn(n, 8, generator=g)
-        self.split = split
-        self.values = {m: z @ w + noise * torch.randn(n, w.shape[1], generator=g) for m, w in maps.items()}
-
-    @property
-    def modalities(self) -> dict[str, ModalitySpec]:
-        return dict(SPECS)
-
-    def __len__(self) -> int:
-        return self.values["x"].shape[0]
-
-    def __getitem__(self, index: int) -> Sample:
-        return Sample(id=index, values={m: v[index] for m, v in self.values.items()}, labels={"digit": index % 3})
-
-
 def make_method(objectives: list[dict[str, Any]], seed: int = 0) -> Method:
     return composite_method(objectives, SPECS, EMBED, seed)
 
@@ -295,8 +272,11 @@ def test_consensus_mining_stores_the_smoothed_pools() -> None:
         torch.testing.assert_close(bank, neighbourhood_means(emb[order], 4))
 
 
-def test_epoch_start_mines_the_unimodal_pools_of_the_split() -> None:
-    method = make_method([{"name": "pseudo_pairs", "warmup_epochs": 0, "threshold": -1.0, "csls_k": None}])
+@pytest.mark.parametrize(
+    "matching", [{"csls_k": None}, {"matching": "clusters", "clusters": 4}], ids=["mnn", "clusters"]
+)
+def test_epoch_start_mines_the_unimodal_pools_of_the_split(matching: dict[str, Any]) -> None:
+    method = make_method([{"name": "pseudo_pairs", "warmup_epochs": 0, "threshold": -1.0, **matching}])
     obj = method.objectives["pseudo_pairs"]
     assert isinstance(obj, PseudoPairs)
     batches = split_batches()
@@ -347,17 +327,6 @@ def test_refresh_schedule_and_tables_survive_a_checkpoint(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------ training
-
-
-def top1(method: Method) -> float:
-    """Mean of x->y and y->x top-1 retrieval on 300 held-out clean pairs."""
-    test = Linked("test", n=300)
-    batch = collate([test[i] for i in range(len(test))], SPECS)
-    method.eval()
-    emb = method.embed(batch)
-    sim = emb["x"] @ emb["y"].T
-    truth = torch.arange(len(test))
-    return 0.5 * float((sim.argmax(dim=1) == truth).double().mean() + (sim.argmax(dim=0) == truth).double().mean())
 
 
 TRAIN_N, EPOCHS, WARMUP = 800, 10, 3  # 5%: 40 pairs, 760 x-only and 760 y-only samples
@@ -443,6 +412,8 @@ def test_pseudo_pairs_beat_infonce_alone_on_a_mix_paired_split(
         ({"max_pairs": 0}, "max_pairs"),
         ({"bank_size": 0}, "bank_size"),
         ({"consensus_k": 0}, "consensus_k"),
+        ({"matching": "clusters", "clusters": 0}, "clusters"),
+        ({"anchor_weight": -1.0}, "anchor_weight"),
         ({"temperature": 0.0}, "temperature"),
         ({"modalities": ["x", "x"]}, "modalities"),
     ],

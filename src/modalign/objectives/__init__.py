@@ -3,7 +3,7 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
+``ncr_infonce``, ``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
 discrimination (``unimodal_infonce``), and the families added by the modules imported below.
 """
 
@@ -18,6 +18,7 @@ from modalign.objectives.masked_conditional import MaskedConditional
 from modalign.objectives.matching import AudioVisualCorrespondence, ImageTextMatching, avc_loss, itm_loss
 from modalign.objectives.momentum import MoCo, queue_infonce_loss
 from modalign.objectives.multiview import MultiView, multiview_pairs
+from modalign.objectives.noisy_pairs import NCRInfoNCE, split_pair_losses
 from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
 from modalign.objectives.pseudo_pairs import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
@@ -58,6 +59,7 @@ __all__ = [
     "MoCo",
     "MultiMAE",
     "MultiView",
+    "NCRInfoNCE",
     "OTTokens",
     "PseudoPairs",
     "SeLaVi",
@@ -93,6 +95,7 @@ __all__ = [
     "sigmoid_loss",
     "soft_dtw_loss",
     "soft_infonce_loss",
+    "split_pair_losses",
     "swapped_prediction_loss",
     "unimodal_infonce_loss",
     "vicreg_loss",

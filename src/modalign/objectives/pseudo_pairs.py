@@ -7,22 +7,19 @@ epoch starts from the current embeddings and trains on the confident pairs, as p
 does for classes (Lee 2013, "Pseudo-Label", ICML workshop; a confidence threshold as in FixMatch,
 Sohn et al. 2020):
 
-* ``mine_mnn``: mutual nearest neighbours by CSLS (Conneau et al. 2018, "Word Translation Without
-  Parallel Data", ICLR; ``modalign.alignment.mutual_neighbours``), kept when their cosine is at
-  least the threshold.
-* ``mine_ot``: an entropic optimal-transport plan between the pools (Cuturi 2013, "Sinkhorn
-  Distances"; ``modalign.alignment.sinkhorn``) on the cost ``1 - cosine``; ``(i, j)`` is kept when
-  each is the other's largest entry of the plan and ``i``'s row, normalised to sum 1, puts at
-  least the threshold on ``j``. S-CLIP (Mo et al. 2023, "Semi-supervised Vision-Language Learning
-  using Few Specialist Captions", NeurIPS) uses optimal transport for pseudo-labels too, but
-  transports unpaired images onto the paired ones; here the two unimodal pools are matched to
-  each other.
+* The matchings (plain functions in ``modalign.objectives.mining``): ``mnn``, mutual nearest
+  neighbours by CSLS, kept above a cosine; ``ot``, the mutual argmax entries of an entropic
+  optimal-transport plan, kept above a row mass (S-CLIP, Mo et al. 2023, "Semi-supervised
+  Vision-Language Learning using Few Specialist Captions", NeurIPS, transports unpaired images
+  onto the paired ones; here the two unimodal pools are matched to each other); ``clusters``,
+  k-means clusters of the two pools matched with the votes of the training split's known pairs,
+  then rows paired inside matched clusters.
 * ``pseudo_pair_terms`` / ``pseudo_pair_loss``: InfoNCE of each unimodal row against its mined
   partner's embedding (a fixed target from the mining pass) among a bank of the other pool's
   embeddings (fixed negatives).
 
-Memory: the pass holds ``N x E`` per modality (``embed_training_split``); ``mnn`` works in row
-blocks, ``ot`` builds the dense ``N_a x N_b`` plan.
+Memory: the pass holds ``N x E`` per modality (``embed_training_split``); each matching's memory
+is given in ``modalign.objectives.mining``.
 """
 
 from __future__ import annotations
@@ -34,159 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modalign.alignment import mutual_neighbours, sinkhorn
 from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
 from modalign.distributed import all_gather_sizes, is_initialized, world_size
 from modalign.objectives.cluster_tables import PassRows, cluster_seed, content_means, embed_training_split, embed_width
 from modalign.objectives.contrastive import LogitScale, PairObjective
+from modalign.objectives.mining import (
+    MinedPairs,
+    mine_clusters,
+    mine_mnn,
+    mine_ot,
+    most_confident,
+    neighbourhood_means,
+)
 from modalign.objectives.unaligned import check_arg, scale_of
 
-Matching = Literal["mnn", "ot"]
-MATCHINGS: tuple[str, ...] = ("mnn", "ot")
-
-# ---------------------------------------------------------------------------------------------
-# Mining: plain functions on two pools of embeddings, without gradient.
-
-
-@dataclass
-class MinedPairs:
-    """Index pairs between two pools, one-to-one, with a confidence each.
-
-    Attributes:
-        i: ``LongTensor[P]`` rows of the first pool, increasing.
-        j: ``LongTensor[P]`` their partners in the second pool.
-        confidence: ``Tensor[P]`` cosine (``mnn``) or row-normalised plan mass (``ot``).
-    """
-
-    i: Tensor
-    j: Tensor
-    confidence: Tensor
-
-    @property
-    def size(self) -> int:
-        """Number of pairs ``P``."""
-        return int(self.i.shape[0])
-
-    def where(self, keep: Tensor) -> MinedPairs:
-        """The pairs where ``keep`` (``BoolTensor[P]``) holds."""
-        return MinedPairs(self.i[keep], self.j[keep], self.confidence[keep])
-
-
-def _check_pools(a: Tensor, b: Tensor) -> None:
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"pools must be [N, E] and [M, E] with one E, got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def _no_pairs(a: Tensor) -> MinedPairs:
-    empty = torch.zeros(0, dtype=torch.long, device=a.device)
-    return MinedPairs(empty, empty, a.new_zeros(0))
-
-
-@torch.no_grad()
-def mine_mnn(a: Tensor, b: Tensor, threshold: float = 0.5, csls_k: int | None = 10) -> MinedPairs:
-    """Mutual nearest neighbours of two pools by CSLS (Conneau et al. 2018), kept above a cosine.
-
-    Args:
-        a: ``Tensor[N, E]`` first pool (compared by cosine).
-        b: ``Tensor[M, E]`` second pool.
-        threshold: Minimum cosine of a kept pair, in ``[-1, 1]``.
-        csls_k: Neighbours of the CSLS hubness correction; ``None`` ranks by plain cosine.
-
-    Returns:
-        The mutual pairs whose cosine is at least ``threshold``; confidence = cosine.
-
-    Raises:
-        ValueError: If the pools are not ``[N, E]`` and ``[M, E]``.
-    """
-    _check_pools(a, b)
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return _no_pairs(a)
-    i, j = mutual_neighbours(a, b, csls_k)
-    cosine = (F.normalize(a[i], dim=1) * F.normalize(b[j], dim=1)).sum(dim=1)
-    pairs = MinedPairs(i, j, cosine)
-    return pairs.where(cosine >= threshold)
-
-
-@torch.no_grad()
-def mine_ot(a: Tensor, b: Tensor, threshold: float = 0.5, epsilon: float = 0.02, iterations: int = 100) -> MinedPairs:
-    """Pairs of an entropic OT plan (Cuturi 2013) between two pools, mutual argmax and confident.
-
-    ``P = sinkhorn(1 - cos(a, b))`` with uniform marginals; ``(i, j)`` is kept when
-    ``j = argmax_j P[i, :]``, ``i = argmax_i P[:, j]`` and ``P[i, j] / sum_j P[i, j] >= threshold``.
-    The plan is computed in the dtype of the pools (``float64`` stays, else ``float32``).
-
-    Args:
-        a: ``Tensor[N, E]`` first pool.
-        b: ``Tensor[M, E]`` second pool.
-        threshold: Minimum row-normalised mass of a kept pair, in ``[0, 1]``.
-        epsilon: Entropic regularisation, in units of the cost (``1 - cosine``, in ``[0, 2]``).
-        iterations: Sinkhorn iterations.
-
-    Returns:
-        The kept pairs; confidence = row-normalised mass.
-
-    Raises:
-        ValueError: If the pools are not ``[N, E]`` and ``[M, E]``, or as ``sinkhorn``.
-    """
-    _check_pools(a, b)
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return _no_pairs(a)
-    cost = 1.0 - F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
-    plan = sinkhorn(cost, epsilon=epsilon, iterations=iterations)
-    mass = plan / plan.sum(dim=1, keepdim=True)
-    i = torch.arange(a.shape[0], device=a.device)
-    j = plan.argmax(dim=1)
-    pairs = MinedPairs(i, j, mass[i, j].to(a.dtype))
-    return pairs.where((plan.argmax(dim=0)[j] == i) & (pairs.confidence >= threshold))
-
-
-@torch.no_grad()
-def neighbourhood_means(x: Tensor, k: int, block: int = 1024) -> Tensor:
-    """Each row replaced by the normalised mean of its ``k`` nearest rows (itself included), by cosine.
-
-    A neighbourhood-consensus smoothing before cross-modal matching: where a pool has cluster
-    structure, a row's neighbourhood mean sits near its cluster's centre, so matching the
-    smoothed pools pairs rows whose *neighbourhoods* agree across modalities rather than single
-    noisy points (the consensus idea of neighbourhood-based matching, e.g. Rocco et al. 2018,
-    "Neighbourhood Consensus Networks"; here on the pools' kNN graphs).
-
-    Args:
-        x: ``Tensor[N, E]`` pool (compared by cosine).
-        k: Neighbours averaged per row, ``>= 1`` (``1``: the normalised rows; capped at ``N``).
-        block: Rows per similarity block: memory ``block x N``, never ``N x N``.
-
-    Returns:
-        ``Tensor[N, E]`` L2-normalised neighbourhood means.
-
-    Raises:
-        ValueError: If ``x`` is not ``[N, E]`` or ``k < 1``.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"neighbourhood_means expects [N, E], got {tuple(x.shape)}")
-    if k < 1:
-        raise ValueError(f"neighbourhood_means needs k >= 1, got {k}")
-    unit = F.normalize(x, dim=1)
-    k = min(k, x.shape[0])
-    if k <= 1 or x.shape[0] == 0:
-        return unit
-    means = []
-    for start in range(0, x.shape[0], block):
-        nearest = (unit[start : start + block] @ unit.T).topk(k, dim=1).indices
-        means.append(unit[nearest].mean(dim=1))
-    return F.normalize(torch.cat(means), dim=1)
-
-
-def most_confident(pairs: MinedPairs, max_pairs: int | None) -> MinedPairs:
-    """At most ``max_pairs`` pairs, the most confident (ties: lower ``i``), by increasing ``i``."""
-    if max_pairs is None or pairs.size <= max_pairs:
-        return pairs
-    order = torch.sort(pairs.confidence, descending=True, stable=True).indices[:max_pairs]
-    keep = torch.zeros(pairs.size, dtype=torch.bool, device=pairs.i.device)
-    keep[order] = True
-    return pairs.where(keep)
-
+Matching = Literal["mnn", "ot", "clusters"]
+MATCHINGS: tuple[str, ...] = ("mnn", "ot", "clusters")
 
 # ---------------------------------------------------------------------------------------------
 # The loss.
@@ -354,13 +216,17 @@ class PseudoPairs(PairObjective):
 
     Args:
         modalities: ``[a, b]`` (default: the model's two).
-        matching: ``mnn`` (mutual nearest neighbours by CSLS) or ``ot`` (Sinkhorn plan).
-        threshold: ``mnn``: minimum cosine of a pair, in ``[-1, 1]``; ``ot``: minimum
+        matching: ``mnn`` (mutual nearest neighbours by CSLS), ``ot`` (Sinkhorn plan) or
+            ``clusters`` (``mine_clusters``: k-means clusters matched with the votes of the
+            split's known pairs, rows paired inside matched clusters).
+        threshold: ``mnn``, ``clusters``: minimum cosine of a pair, in ``[-1, 1]``; ``ot``: minimum
             row-normalised plan mass, in ``[0, 1]``.
         csls_k: ``mnn``: neighbours of the CSLS correction; ``null``: plain cosine.
         epsilon: ``ot``: entropic regularisation (cost ``1 - cosine``); at 0.05 the plan of a
             few hundred rows in 16 dimensions is too flat for a 0.5 mass threshold.
         ot_iterations: ``ot``: Sinkhorn iterations.
+        clusters: ``clusters``: k-means clusters per pool.
+        anchor_weight: ``clusters``: weight of the known pairs' votes against the centroids' cosine.
         consensus_k: Before matching, replace each pool row by the mean of its ``k`` nearest
             rows of its own pool (``neighbourhood_means``); the stored targets and banks are the
             smoothed rows too. ``null``: match the rows themselves.
@@ -396,6 +262,8 @@ class PseudoPairs(PairObjective):
         csls_k: int | None = 10,
         epsilon: float = 0.02,
         ot_iterations: int = 100,
+        clusters: int = 10,
+        anchor_weight: float = 1.0,
         consensus_k: int | None = None,
         refresh_every: int = 1,
         warmup_epochs: int = 1,
@@ -412,6 +280,9 @@ class PseudoPairs(PairObjective):
         _check_schedule(refresh_every, warmup_epochs, max_pairs, bank_size)
         self.matching, self.threshold, self.csls_k = matching, threshold, csls_k
         self.epsilon, self.ot_iterations = epsilon, ot_iterations
+        check_arg("clusters", clusters >= 1, f"must be >= 1, got {clusters}")
+        check_arg("anchor_weight", anchor_weight >= 0, f"must be >= 0, got {anchor_weight}")
+        self.clusters, self.anchor_weight = clusters, anchor_weight
         check_arg("consensus_k", consensus_k is None or consensus_k >= 1, f"must be null or >= 1, got {consensus_k}")
         self.consensus_k = consensus_k
         self.refresh_every, self.warmup_epochs = refresh_every, warmup_epochs
@@ -451,11 +322,19 @@ class PseudoPairs(PairObjective):
         if self.consensus_k is not None:
             pool_a = Pool(pool_a.ids, neighbourhood_means(pool_a.embeddings, self.consensus_k))
             pool_b = Pool(pool_b.ids, neighbourhood_means(pool_b.embeddings, self.consensus_k))
-        pairs = most_confident(self.mine(pool_a.embeddings, pool_b.embeddings), self.max_pairs)
-        self._store(pool_a, pool_b, pairs, ctx.epoch)
+        if self.matching == "clusters":
+            paired = rows.present[a] & rows.present[b]
+            anchors = (rows.embeddings[a][paired], rows.embeddings[b][paired])
+            seed = cluster_seed(self.seed, ctx.epoch)
+            mined = mine_clusters(
+                pool_a.embeddings, pool_b.embeddings, self.clusters, *anchors, self.anchor_weight, self.threshold, seed
+            )
+        else:
+            mined = self.mine(pool_a.embeddings, pool_b.embeddings)
+        self._store(pool_a, pool_b, most_confident(mined, self.max_pairs), ctx.epoch)
 
     def mine(self, a: Tensor, b: Tensor) -> MinedPairs:
-        """Pairs between the pools ``a [N, E]`` and ``b [M, E]`` by this objective's matching."""
+        """Pairs between the pools ``a [N, E]`` and ``b [M, E]`` by ``mnn`` or ``ot`` (no anchors)."""
         if self.matching == "ot":
             return mine_ot(a, b, self.threshold, self.epsilon, self.ot_iterations)
         return mine_mnn(a, b, self.threshold, self.csls_k)
