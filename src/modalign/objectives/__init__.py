@@ -3,7 +3,7 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``ncr_infonce``, ``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
+``ncr_infonce``, ``window_milnce``, ``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
 discrimination (``unimodal_infonce``), and the families added by the modules imported below.
 """
 
@@ -41,6 +41,7 @@ from modalign.objectives.unaligned import (
     weighted_infonce_loss,
 )
 from modalign.objectives.unimodal import UnimodalInfoNCE, unimodal_infonce_loss
+from modalign.objectives.window_milnce import WindowMILNCE, window_milnce_loss
 
 __all__ = [
     "DCL",
@@ -69,6 +70,7 @@ __all__ = [
     "UnimodalInfoNCE",
     "VICReg",
     "WeightedInfoNCE",
+    "WindowMILNCE",
     "agreement_weights",
     "avc_loss",
     "barlow_twins_loss",
@@ -100,5 +102,6 @@ __all__ = [
     "unimodal_infonce_loss",
     "vicreg_loss",
     "weighted_infonce_loss",
+    "window_milnce_loss",
     "xdc_loss",
 ]

@@ -131,11 +131,11 @@ def milnce_loss(a: Tensor, b: Tensor, positive: Tensor, logit_scale: Tensor, sym
     if not bool(positive.any(dim=1).all()) or (symmetric and not bool(positive.any(dim=0).all())):
         raise ValueError("every anchor needs a positive (and, symmetric, every candidate an anchor)")
     logits = scale_of(logit_scale) * a @ b.T
-    loss = _bag_nce(logits, positive)
-    return 0.5 * (loss + _bag_nce(logits.T, positive.T)) if symmetric else loss
+    loss = bag_nce(logits, positive)
+    return 0.5 * (loss + bag_nce(logits.T, positive.T)) if symmetric else loss
 
 
-def _bag_nce(logits: Tensor, positive: Tensor) -> Tensor:
+def bag_nce(logits: Tensor, positive: Tensor) -> Tensor:
     """Mean over rows of ``LSE_j logits - LSE_{j positive} logits``."""
     bag = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
     return (torch.logsumexp(logits, dim=1) - bag).mean()
