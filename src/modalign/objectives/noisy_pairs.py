@@ -31,15 +31,9 @@ from torch import Tensor, nn
 from modalign.core.registry import register
 from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
 from modalign.objectives.cluster_tables import embed_training_split, embed_width
-from modalign.objectives.contrastive import LogitScale, PairObjective, batch_top1, check_pair_inputs
+from modalign.objectives.contrastive import LogitScale, Pair, PairObjective, check_pair_inputs
 from modalign.objectives.pseudo_pairs import find_ids
-from modalign.objectives.unaligned import (
-    check_arg,
-    clean_posterior,
-    pair_metrics,
-    scale_of,
-    weighted_infonce_loss,
-)
+from modalign.objectives.unaligned import check_arg, clean_posterior, scale_of, weighted_pair_output
 
 
 def _direction_terms(q: Tensor, k: Tensor, same_q: Tensor, same_k: Tensor, scale: Tensor, block: int) -> Tensor:
@@ -229,13 +223,8 @@ class NCRInfoNCE(PairObjective):
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Weighted InfoNCE; metrics ``temperature``, ``paired``, ``weight`` (mean), ``clean`` (> 0.5), accuracies."""
-        scale = self.scale()
-        pair = self.pair(outputs, batch)
-        metrics = pair_metrics(scale, pair.size if pair is not None else 0)
-        if pair is None or self.too_few(pair, False):
-            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
-        weights = self.weights_of(pair.ids_a, pair.ids_b).to(pair.a)
-        loss = weighted_infonce_loss(pair.a, pair.b, scale, weights, pair.ids_a, pair.ids_b)
-        metrics["weight"], metrics["clean"] = float(weights.mean()), float((weights > 0.5).float().mean())
-        metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
-        return LossOutput(loss=loss, metrics=metrics)
+        return weighted_pair_output(self, outputs, batch, self.scale(), self.pair_weights)
+
+    def pair_weights(self, pair: Pair, scale: Tensor) -> Tensor:
+        """``Tensor[P]``: the stored weights of the batch's pairs (``weights_of``); ``scale`` is unused."""
+        return self.weights_of(pair.ids_a, pair.ids_b)

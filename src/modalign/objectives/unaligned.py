@@ -19,6 +19,7 @@ Each loss is a plain function; the registered modules ``milnce``, ``soft_infonce
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import Batch, LossOutput, Outputs, StepContext
-from modalign.objectives.contrastive import LogitScale, PairObjective, batch_top1, check_pair_inputs
+from modalign.objectives.contrastive import LogitScale, Pair, PairObjective, batch_top1, check_pair_inputs
 
 # ---------------------------------------------------------------- contrastive loss on a score matrix
 
@@ -384,6 +385,25 @@ def agreement_weights(
 # ---------------------------------------------------------------- modules on pooled embeddings
 
 
+def weighted_pair_output(
+    objective: PairObjective, outputs: Outputs, batch: Batch, scale: Tensor, weigh: Callable[[Pair, Tensor], Tensor]
+) -> LossOutput:
+    """The weighted-InfoNCE objectives' forward: paired rows -> ``weigh`` -> ``weighted_infonce_loss``.
+
+    Fewer than two paired rows give a zero loss connected to the graph. Metrics: ``temperature``,
+    ``paired``, ``weight`` (mean), ``clean`` (fraction above 0.5), ``acc_a2b``, ``acc_b2a``.
+    """
+    pair = objective.pair(outputs, batch)
+    metrics = pair_metrics(scale, pair.size if pair is not None else 0)
+    if pair is None or objective.too_few(pair, False):
+        return LossOutput(loss=outputs.zero(scale), metrics=metrics)
+    weights = weigh(pair, scale).to(pair.a)
+    loss = weighted_infonce_loss(pair.a, pair.b, scale, weights, pair.ids_a, pair.ids_b)
+    metrics["weight"], metrics["clean"] = float(weights.mean()), float((weights > 0.5).float().mean())
+    metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
+    return LossOutput(loss=loss, metrics=metrics)
+
+
 def pair_metrics(scale: Tensor, paired: int) -> dict[str, float]:
     """The logged metrics of a pair objective: temperature and paired rows."""
     return {"temperature": float(1.0 / scale.detach().exp()), "paired": float(paired)}
@@ -525,19 +545,13 @@ class WeightedInfoNCE(PairObjective):
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Compute the loss; metrics: ``temperature``, ``paired``, ``weight`` (mean), ``clean`` (> 0.5), accuracies."""
-        scale = self.scale()
-        pair = self.pair(outputs, batch)
-        metrics = pair_metrics(scale, pair.size if pair is not None else 0)
-        if pair is None or self.too_few(pair, False):
-            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
+        return weighted_pair_output(self, outputs, batch, self.scale(), self.weights)
+
+    def weights(self, pair: Pair, scale: Tensor) -> Tensor:
+        """``Tensor[P]``: ones during the warm-up, then ``agreement_weights`` of the batch's pairs."""
         if int(self.steps) < self.warmup_steps:
-            weights = torch.ones_like(pair.a[:, 0])
-        else:
-            weights = agreement_weights(pair.a, pair.b, scale, pair.ids_a, pair.ids_b, self.iterations, self.reg)
-        loss = weighted_infonce_loss(pair.a, pair.b, scale, weights, pair.ids_a, pair.ids_b)
-        metrics["weight"], metrics["clean"] = float(weights.mean()), float((weights > 0.5).float().mean())
-        metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
-        return LossOutput(loss=loss, metrics=metrics)
+            return torch.ones_like(pair.a[:, 0])
+        return agreement_weights(pair.a, pair.b, scale, pair.ids_a, pair.ids_b, self.iterations, self.reg)
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         """Record the optimiser steps taken (for the warm-up)."""

@@ -29,8 +29,7 @@ from torch import Tensor
 
 from modalign.core.registry import register
 from modalign.core.types import Batch, LossOutput, Outputs
-from modalign.objectives.contrastive import LogitScale, PairObjective
-from modalign.objectives.token_alignment import TokenProjection
+from modalign.objectives.token_alignment import TokenObjective
 from modalign.objectives.unaligned import bag_nce, check_arg, pair_metrics, scale_of, top1_fraction
 
 
@@ -158,11 +157,12 @@ def window_milnce_loss(
 
 
 @register("objective", "window_milnce")
-class WindowMILNCE(PairObjective):
+class WindowMILNCE(TokenObjective):
     """MIL-NCE between temporal windows of two modalities' tokens (see ``window_milnce_loss``).
 
-    Reads ``outputs.tokens``/``outputs.padding`` of the paired rows through its own
-    ``TokenProjection``. Fewer than two paired rows give a zero loss connected to the graph.
+    A ``TokenObjective`` (its own ``TokenProjection`` of the paired rows' ``outputs.tokens``)
+    whose loss is over windows, not a ``[P, P]`` score. Fewer than two paired rows give a zero
+    loss connected to the graph.
 
     Args:
         modalities: Two modality names (default: the model's two).
@@ -187,18 +187,11 @@ class WindowMILNCE(PairObjective):
         stride: int = 2,
         radius: float = 0.25,
     ) -> None:
-        super().__init__(modalities, "window_milnce")
+        super().__init__(modalities, "window_milnce", temperature, learn_temperature, max_logit_scale, dim)
         check_arg("window", window >= 1, f"must be >= 1, got {window}")
         check_arg("stride", stride >= 1, f"must be >= 1, got {stride}")
         check_arg("radius", radius >= 0, f"must be >= 0, got {radius}")
-        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
-        self.project = TokenProjection(dim)
         self.window, self.stride, self.radius = window, stride, radius
-
-    def bind(self, model: torch.nn.Module) -> None:
-        """Resolve the modalities and build the token projections."""
-        super().bind(model)
-        self.project.build(model, self.modalities)
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """The loss; metrics ``temperature``, ``paired``, ``acc_a2b`` (top-1 window lands in its bag)."""
