@@ -162,7 +162,8 @@ class WindowMILNCE(TokenObjective):
 
     A ``TokenObjective`` (its own ``TokenProjection`` of the paired rows' ``outputs.tokens``)
     whose loss is over windows, not a ``[P, P]`` score. Fewer than two paired rows give a zero
-    loss connected to the graph.
+    loss connected to the graph. Under data parallelism each rank contrasts its own batch's
+    windows (not gathered, like the other token objectives). Memory: ``(P K_a) x (P K_b)`` logits.
 
     Args:
         modalities: Two modality names (default: the model's two).
