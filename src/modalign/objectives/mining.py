@@ -259,13 +259,7 @@ def mine_clusters(
     _check_pools(a, b)
     if clusters < 1:
         raise ValueError(f"mine_clusters needs clusters >= 1, got {clusters}")
-    empty = a.new_zeros(0, a.shape[1])
-    anchors_a = empty if anchors_a is None else anchors_a
-    anchors_b = empty if anchors_b is None else anchors_b
-    if anchors_a.shape != anchors_b.shape or anchors_a.shape[1:] != a.shape[1:]:
-        raise ValueError(
-            f"anchors must both be [P, {a.shape[1]}], got {tuple(anchors_a.shape)} and {tuple(anchors_b.shape)}"
-        )
+    anchors_a, anchors_b = _anchors_or_none(a, anchors_a, anchors_b)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return _no_pairs(a)
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
@@ -273,14 +267,30 @@ def mine_clusters(
     kb = kmeans(b, min(clusters, b.shape[0]), iterations, seed=seed + 1, spherical=True)
     votes = anchor_votes(anchors_a, anchors_b, ka.centroids, kb.centroids)
     matched = match_clusters(ka.centroids, kb.centroids, votes, anchor_weight)
-    parts = []
-    for k, m in enumerate(matched.tolist()):
-        if m >= 0:
-            rows = (ka.assignments == k).nonzero().flatten()
-            parts.append(_assign_within(a, b, rows, (kb.assignments == m).nonzero().flatten()))
+    pairs = _pairs_in_matched(a, b, ka.assignments, kb.assignments, matched)
+    return pairs.where(pairs.confidence >= threshold)
+
+
+def _anchors_or_none(pool: Tensor, anchors_a: Tensor | None, anchors_b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The anchors (empty ``[0, E]`` when ``None``), checked to be ``[P, E]`` both."""
+    empty = pool.new_zeros(0, pool.shape[1])
+    anchors_a = empty if anchors_a is None else anchors_a
+    anchors_b = empty if anchors_b is None else anchors_b
+    if anchors_a.shape != anchors_b.shape or anchors_a.shape[1:] != pool.shape[1:]:
+        shapes = f"{tuple(anchors_a.shape)} and {tuple(anchors_b.shape)}"
+        raise ValueError(f"anchors must both be [P, {pool.shape[1]}], got {shapes}")
+    return anchors_a, anchors_b
+
+
+def _pairs_in_matched(a: Tensor, b: Tensor, labels_a: Tensor, labels_b: Tensor, matched: Tensor) -> MinedPairs:
+    """One-to-one pairs inside every matched cluster pair ``(k, matched[k])``, sorted by ``i``."""
+    parts = [
+        _assign_within(a, b, (labels_a == k).nonzero().flatten(), (labels_b == m).nonzero().flatten())
+        for k, m in enumerate(matched.tolist())
+        if m >= 0
+    ]
     if not parts:
         return _no_pairs(a)
     i, j, c = (torch.cat(x) for x in zip(*((p.i, p.j, p.confidence) for p in parts), strict=True))
     order = torch.argsort(i)
-    pairs = MinedPairs(i[order], j[order], c[order])
-    return pairs.where(pairs.confidence >= threshold)
+    return MinedPairs(i[order], j[order], c[order])

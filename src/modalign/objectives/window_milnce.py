@@ -92,6 +92,21 @@ def window_bags(centres_a: Tensor, valid_a: Tensor, centres_b: Tensor, valid_b: 
     return (same[:, None, :, None] & own[:, :, None, :]).reshape(p * ka, p * kb)
 
 
+def _excluded(valid_a: Tensor, valid_b: Tensor, ids_a: Tensor | None, ids_b: Tensor | None) -> Tensor:
+    """``BoolTensor[P K_a, P K_b]``: window pairs left out of the denominators.
+
+    Either window invalid, or the windows of two different samples holding the same content.
+    """
+    p, ka, kb = valid_a.shape[0], valid_a.shape[1], valid_b.shape[1]
+    blocked = torch.zeros(p, p, dtype=torch.bool, device=valid_a.device)
+    for ids in (ids_a, ids_b):
+        if ids is not None:
+            blocked = blocked | (ids[:, None] == ids[None, :])
+    blocked = blocked & ~torch.eye(p, dtype=torch.bool, device=valid_a.device)
+    excluded = blocked[:, None, :, None].expand(p, ka, p, kb).reshape(p * ka, p * kb)
+    return excluded | ~valid_a.reshape(-1)[:, None] | ~valid_b.reshape(-1)[None, :]
+
+
 def window_milnce_loss(
     a: Tensor,
     a_padding: Tensor,
@@ -139,13 +154,7 @@ def window_milnce_loss(
     p, ka, kb = a.shape[0], wa.shape[1], wb.shape[1]
     positive = window_bags(ca, va, cb, vb, radius)
     reverse = window_bags(cb, vb, ca, va, radius).T
-    blocked = torch.zeros(p, p, dtype=torch.bool, device=a.device)
-    for ids in (ids_a, ids_b):
-        if ids is not None:
-            blocked = blocked | (ids[:, None] == ids[None, :])
-    blocked = blocked & ~torch.eye(p, dtype=torch.bool, device=a.device)
-    excluded = blocked[:, None, :, None].expand(p, ka, p, kb).reshape(p * ka, p * kb)
-    excluded = excluded | ~va.reshape(-1)[:, None] | ~vb.reshape(-1)[None, :]
+    excluded = _excluded(va, vb, ids_a, ids_b)
     logits = (scale_of(logit_scale) * wa.reshape(p * ka, -1) @ wb.reshape(p * kb, -1).T).masked_fill(
         excluded, float("-inf")
     )
