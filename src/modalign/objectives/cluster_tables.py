@@ -183,6 +183,11 @@ def joint_embeddings(rows: PassRows, modalities: tuple[str, ...]) -> tuple[Tenso
     return content_means(rows.ids[keep], total[keep] / count[keep][:, None])
 
 
+def refresh_due(epoch: int, warmup_epochs: int, refresh_every: int) -> bool:
+    """Whether an epoch-start pass runs at ``epoch``: from ``warmup_epochs`` on, every ``refresh_every`` epochs."""
+    return epoch >= warmup_epochs and (epoch - warmup_epochs) % refresh_every == 0
+
+
 def cluster_seed(seed: int, epoch: int) -> int:
     """Seed of the k-means++ draws of ``epoch`` for an objective seeded with ``seed``."""
     return (seed * 1_000_003 + epoch * 7_919) % (2**31)

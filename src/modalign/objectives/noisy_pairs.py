@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from modalign.core.registry import register
 from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
-from modalign.objectives.cluster_tables import embed_training_split, embed_width
+from modalign.objectives.cluster_tables import embed_training_split, embed_width, refresh_due
 from modalign.objectives.contrastive import LogitScale, Pair, PairObjective, check_pair_inputs
 from modalign.objectives.pseudo_pairs import find_ids
 from modalign.objectives.unaligned import check_arg, clean_posterior, scale_of, weighted_pair_output
@@ -176,7 +176,7 @@ class NCRInfoNCE(PairObjective):
 
     def fitting_epoch(self, epoch: int) -> bool:
         """Whether the weights are refitted at the start of ``epoch``."""
-        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh_every == 0
+        return refresh_due(epoch, self.warmup_epochs, self.refresh_every)
 
     def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> None:
         """At a fitting epoch: embed the split, fit the mixture to its pairs' losses, store the weights."""

@@ -35,7 +35,14 @@ from modalign.core.errors import ConfigError
 from modalign.core.registry import register
 from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
 from modalign.distributed import all_gather_sizes, is_initialized, world_size
-from modalign.objectives.cluster_tables import PassRows, cluster_seed, content_means, embed_training_split, embed_width
+from modalign.objectives.cluster_tables import (
+    PassRows,
+    cluster_seed,
+    content_means,
+    embed_training_split,
+    embed_width,
+    refresh_due,
+)
 from modalign.objectives.contrastive import LogitScale, PairObjective
 from modalign.objectives.mining import (
     MinedPairs,
@@ -310,7 +317,7 @@ class PseudoPairs(PairObjective):
 
     def mining_epoch(self, epoch: int) -> bool:
         """Whether the tables are refreshed at the start of ``epoch``."""
-        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh_every == 0
+        return refresh_due(epoch, self.warmup_epochs, self.refresh_every)
 
     def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> None:
         """At a mining epoch: embed the training split, match the unimodal pools, store the tables."""
