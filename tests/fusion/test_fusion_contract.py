@@ -138,6 +138,19 @@ def test_a_modality_missing_from_the_batch_equals_it_absent_in_every_row(name: s
 
 
 @pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_a_float64_module_keeps_float64_with_a_modality_missing_from_the_batch(name: str) -> None:
+    """The stand-in for a missing modality takes the inputs' dtype (gated and tensor made float32 zeros)."""
+    fusion, mods = build(name)
+    fusion.double()
+    inputs, present = make_inputs(mods)
+    without = {
+        m: EncoderOutput(o.tokens.double(), o.pooled.double(), o.padding) for m, o in inputs.items() if m != mods[-1]
+    }
+    out = fusion(without, {m: p for m, p in present.items() if m != mods[-1]})
+    assert out.pooled.dtype == torch.float64 and bool(torch.isfinite(out.pooled).all())
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
 def test_gradients_reach_every_parameter_and_only_present_inputs(name: str) -> None:
     fusion, mods = build(name)
     inputs, present = make_inputs(mods)

@@ -89,14 +89,15 @@ class GatedFusion(Fusion):
         """``sum_m softmax(gate)_m * tanh(W_m x_m)`` over the present modalities, as one token."""
         self.check_inputs(inputs, present)
         b = _batch_size(inputs)
-        device = next(iter(inputs.values())).pooled.device
+        ref = next(iter(inputs.values())).pooled
+        device = ref.device
         xs, masks = [], []
         for m, w in self.widths.items():
             if m in inputs:
                 xs.append(present_pooled(inputs, present, m))
                 masks.append(present[m])
             else:
-                xs.append(torch.zeros(b, w, device=device))
+                xs.append(ref.new_zeros(b, w))
                 masks.append(torch.zeros(b, dtype=torch.bool, device=device))
         mask = torch.stack(masks, dim=1)  # [B, M]
         logits = self.gate(torch.cat(xs, dim=-1)).masked_fill(~mask, float("-inf"))
@@ -130,10 +131,10 @@ class LowRankTensorFusion(Fusion):
         """``sum_r w_r prod_m ([x_m; 1] W_m^r) + b`` with absent ``x_m = 0``, as one token."""
         self.check_inputs(inputs, present)
         b = _batch_size(inputs)
-        device = next(iter(inputs.values())).pooled.device
+        ref = next(iter(inputs.values())).pooled
         product: Tensor | None = None
         for m, w in self.widths.items():
-            x = present_pooled(inputs, present, m) if m in inputs else torch.zeros(b, w, device=device)
+            x = present_pooled(inputs, present, m) if m in inputs else ref.new_zeros(b, w)
             x1 = torch.cat([x, x.new_ones(b, 1)], dim=-1)  # [B, D_m + 1]
             term = torch.einsum("bd,rde->bre", x1, self.factors[m])  # [B, R, D_f]
             product = term if product is None else product * term

@@ -213,7 +213,8 @@ def _nce_block(qs: Tensor, k: Tensor, rows: slice, cols: slice, spec: _NCESpec, 
     elif pos is not None:
         same = spec.ids.same(rows, cols, s.device, targets=True)
         if same is not None:
-            values, ones = s[same], torch.ones_like(s[same])
+            values = s[same].to(pos.sum_r.dtype)  # bf16 logits under autocast; the sums keep the inputs' dtype
+            ones = torch.ones_like(values)
             pos.sum_r.index_add_(0, same[0] + rows.start, values)
             pos.cnt_r.index_add_(0, same[0] + rows.start, ones)
             pos.sum_c.index_add_(0, same[1] + cols.start, values)
@@ -281,7 +282,7 @@ class _StreamedSigmoid(torch.autograd.Function):
             if same is not None:
                 loss -= z[same].sum()
             if need:
-                p = z.sigmoid_()  # d term / d z = sigmoid(z) - label01
+                p = z.sigmoid_().to(gq.dtype)  # d term / d z = sigmoid(z) - label01; bf16 under autocast
                 if same is not None:
                     p[same] -= 1.0
                 gbias += p.sum()
