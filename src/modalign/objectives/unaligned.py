@@ -324,7 +324,7 @@ def fit_gmm_1d(x: Tensor, iterations: int = 100, tol: float = 1e-3, reg: float =
         s = x.sort().values
         half = x.shape[0] // 2
         means = torch.stack([s[:half].mean(), s[half:].mean()])
-        mix = Mixture1D(torch.full((2,), 0.5, dtype=x.dtype), means, (x.var(unbiased=False) + reg).expand(2))
+        mix = Mixture1D(x.new_full((2,), 0.5), means, (x.var(unbiased=False) + reg).expand(2))
         bound = -math.inf
         for _ in range(iterations):
             log_joint = mix.log_joint(x)
