@@ -10,6 +10,14 @@ the "Losses" section of ``docs/scaling.md``.
 
     .venv/bin/python benchmarks/losses.py                       # the three default sizes
     .venv/bin/python benchmarks/losses.py --sizes 1024x512 --reps 3 --no-doc
+    python benchmarks/losses.py --device cuda --sizes 4096x256 65536x256 --chunks 4096
+
+With ``--device cuda`` the inputs live on the GPU, each timed call is bracketed by
+``torch.cuda.synchronize()``, peak memory is ``torch.cuda.max_memory_allocated()`` during the
+call minus the memory held before it (after ``reset_peak_memory_stats``), an implementation
+that runs out of GPU memory is reported as ``OOM``, the figures go to
+``benchmarks/results/losses_cuda.json`` and ``docs/scaling.md`` is left alone (``--no-doc``).
+``--chunks N ...`` also times the streamed path with blocks of ``N`` rows.
 
 Peak memory is the peak of the bytes held by tensors allocated during one forward + backward
 (inputs excluded, the returned gradients included), replayed from ``torch.profiler``'s
@@ -50,6 +58,7 @@ from modalign.objectives.streamed import resolve_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "losses.json"
+RESULTS_CUDA = ROOT / "benchmarks" / "results" / "losses_cuda.json"
 DOC = ROOT / "docs" / "scaling.md"
 BEGIN, END = "<!-- losses:begin -->", "<!-- losses:end -->"
 IMPLS = ("open_clip", "plain", "default")
@@ -71,14 +80,14 @@ def load_open_clip_loss() -> ModuleType:
 class Inputs:
     """Leaf tensors of one configuration: ``a, b [B, D]`` L2-normalised, a log scale and a bias."""
 
-    def __init__(self, loss: str, batch: int, dim: int) -> None:
+    def __init__(self, loss: str, batch: int, dim: int, device: str = "cpu") -> None:
         g = torch.Generator().manual_seed(0)
         a = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
         b = F.normalize(a + 0.7 * torch.randn(batch, dim, generator=g), dim=-1)
-        self.a, self.b = a.requires_grad_(), b.requires_grad_()
+        self.a, self.b = a.to(device).requires_grad_(), b.to(device).requires_grad_()
         scale = math.log(1 / 0.07) if loss == "infonce" else math.log(10.0)
-        self.scale = torch.tensor(scale, requires_grad=True)
-        self.bias = torch.tensor(-10.0, requires_grad=True)
+        self.scale = torch.tensor(scale, device=device, requires_grad=True)
+        self.bias = torch.tensor(-10.0, device=device, requires_grad=True)
 
     def leaves(self, loss: str) -> list[Tensor]:
         """The tensors whose gradients are compared."""
@@ -99,7 +108,7 @@ def step_fn(loss: str, impl: str, x: Inputs, oc: ModuleType) -> Callable[[], Ten
         elif impl == "open_clip":
             value = oc.SigLipLoss()(x.a, x.b, x.scale.exp(), x.bias)
         else:
-            chunk = 0 if impl == "plain" else None
+            chunk = impl_chunk(impl)
             if loss == "infonce":
                 value = infonce_loss(x.a, x.b, x.scale, chunk_size=chunk)
             else:
@@ -108,6 +117,39 @@ def step_fn(loss: str, impl: str, x: Inputs, oc: ModuleType) -> Callable[[], Ten
         return value.detach()
 
     return run
+
+
+def impl_chunk(impl: str) -> int | None:
+    """``chunk_size`` of a modalign implementation: ``plain`` 0, ``default`` None, ``chunkN`` N."""
+    return 0 if impl == "plain" else int(impl.removeprefix("chunk")) if impl.startswith("chunk") else None
+
+
+def peak_cuda_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:
+    """Peak of the GPU memory allocated while ``fn`` runs, minus what was allocated before, and ``fn``'s result."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the previous implementation's cached blocks do not crowd this one
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    value = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, value
+
+
+def peak_bytes(fn: Callable[[], Tensor], device: str) -> tuple[int, Tensor]:
+    """``peak_cuda_bytes`` on a GPU, else ``peak_tensor_bytes``."""
+    return peak_cuda_bytes(fn) if device.startswith("cuda") else peak_tensor_bytes(fn)
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds ``fn`` takes; on a GPU the queued work is waited for before and after."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def peak_tensor_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:
@@ -126,23 +168,51 @@ def peak_tensor_bytes(fn: Callable[[], Tensor]) -> tuple[int, Tensor]:
     return peak, value
 
 
-def measure(loss: str, batch: int, dim: int, reps: int, impls: tuple[str, ...], oc: ModuleType) -> list[dict[str, Any]]:
-    """Time, peak memory and agreement with open_clip of each implementation on one (B, D)."""
-    x = Inputs(loss, batch, dim)
+def measure(
+    loss: str, batch: int, dim: int, reps: int, impls: tuple[str, ...], oc: ModuleType, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Time, peak memory and agreement with open_clip of each implementation on one (B, D).
+
+    On a GPU an implementation that runs out of memory in its first call is left out of the
+    timed rounds and reported as ``OOM``.
+    """
+    x = Inputs(loss, batch, dim, device)
     fns = {impl: step_fn(loss, impl, x, oc) for impl in impls}
     results: dict[str, dict[str, Any]] = {}
-    for impl, fn in fns.items():  # warm-up: peak memory, value and gradients
+    for impl, fn in list(fns.items()):  # warm-up: peak memory, value and gradients
         x.clear()
-        peak, value = peak_tensor_bytes(fn)
+        try:
+            peak, value = peak_bytes(fn, device)
+        except torch.cuda.OutOfMemoryError:
+            peak = -1  # released below, once the exception's frames are gone
+        if peak < 0:
+            x.clear()
+            torch.cuda.empty_cache()
+            del fns[impl]
+            continue
         grads = [t.grad.clone() for t in x.leaves(loss) if t.grad is not None]
         results[impl] = {"value": value, "grads": grads, "peak_mib": peak / 2**20, "times": []}
     for _ in range(reps):
         for impl, fn in fns.items():
             x.clear()
-            start = time.perf_counter()
-            fn()
-            results[impl]["times"].append(time.perf_counter() - start)
-    return [row(loss, batch, dim, impl, results) for impl in impls]
+            results[impl]["times"].append(timed(fn, device))
+    x.clear()
+    return [
+        row(loss, batch, dim, impl, results) if impl in results else oom_row(loss, batch, dim, impl) for impl in impls
+    ]
+
+
+def oom_row(loss: str, batch: int, dim: int, impl: str) -> dict[str, Any]:
+    """Row of an implementation that ran out of GPU memory."""
+    return {"loss": loss, "B": batch, "D": dim, "impl": impl_name(impl, batch), "path": impl, "oom": True}
+
+
+def impl_name(impl: str, batch: int) -> str:
+    """Table name of an implementation; the default path names the block size it resolves to."""
+    if impl in ("open_clip", "plain"):
+        return impl
+    chunk = resolve_chunk(impl_chunk(impl), batch)
+    return f"streamed/{chunk}" if chunk else "default (plain)"
 
 
 def rel_diff(x: Tensor, ref: Tensor) -> float:
@@ -153,12 +223,12 @@ def rel_diff(x: Tensor, ref: Tensor) -> float:
 def row(loss: str, batch: int, dim: int, impl: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One table row: figures of ``impl`` and, when open_clip ran, the ratios and differences."""
     r = results[impl]
-    chunk = resolve_chunk(0 if impl == "plain" else None, batch) if impl != "open_clip" else None
     out: dict[str, Any] = {
         "loss": loss,
         "B": batch,
         "D": dim,
-        "impl": impl if impl != "default" else f"streamed/{chunk}" if chunk else "default (plain)",
+        "impl": impl_name(impl, batch),
+        "path": impl,
         "median_s": statistics.median(r["times"]),
         "times_s": r["times"],
         "peak_mib": r["peak_mib"],
@@ -173,27 +243,30 @@ def row(loss: str, batch: int, dim: int, impl: str, results: dict[str, dict[str,
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown table of the rows."""
+def table(rows: list[dict[str, Any]], digits: int = 3) -> list[str]:
+    """Markdown table of the rows; ``digits`` decimals of the seconds."""
     lines = [
         "| loss | B | D | implementation | median s | peak MiB | time / open_clip | memory / open_clip"
         " | loss rel. diff | grad rel. diff |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r.get("oom"):
+            lines.append("| " + " | ".join([r["loss"], str(r["B"]), str(r["D"]), r["impl"], "OOM", *["-"] * 5]) + " |")
+            continue
         ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("time_ratio", "mem_ratio")]
         diffs = [f"{r[k]:.1e}" if k in r else "-" for k in ("loss_rel_diff", "grad_rel_diff")]
-        cells = [r["loss"], str(r["B"]), str(r["D"]), r["impl"], f"{r['median_s']:.3f}", f"{r['peak_mib']:.1f}"]
+        cells = [r["loss"], str(r["B"]), str(r["D"]), r["impl"], f"{r['median_s']:.{digits}f}", f"{r['peak_mib']:.1f}"]
         lines.append("| " + " | ".join(cells + ratios + diffs) + " |")
     return lines
 
 
 def growth(rows: list[dict[str, Any]]) -> list[str]:
     """Peak-memory growth of each modalign path from the smallest to the largest B at equal D."""
-    groups: dict[tuple[str, bool, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["impl"] != "open_clip":
-            groups.setdefault((r["loss"], r["impl"] == "plain", r["D"]), []).append(r)
+        if r["impl"] != "open_clip" and not r.get("oom"):
+            groups.setdefault((r["loss"], r["path"], r["D"]), []).append(r)
     lines = []
     for (loss, _, dim), rs in groups.items():
         if len(rs) > 1:
@@ -213,7 +286,7 @@ BARS = {  # loss: (time ratio, memory ratio) at B = 4096, issue 8's acceptance b
 
 def bars(rows: list[dict[str, Any]]) -> list[str]:
     """The acceptance bar of the default path, checked on the rows that were measured."""
-    mine = {(r["loss"], r["B"]): r for r in rows if r["impl"] != "plain" and "time_ratio" in r}
+    mine = {(r["loss"], r["B"]): r for r in rows if r.get("path") == "default" and "time_ratio" in r}
     mine = {k: r for k, r in mine.items() if r["impl"] != "open_clip"}
     lines = []
     for (loss, batch), r in sorted(mine.items()):
@@ -248,9 +321,9 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def machine(threads: int, load: tuple[float, float, float]) -> dict[str, Any]:
-    """Where the figures were measured."""
-    return {
+def machine(threads: int, load: tuple[float, float, float], device: str = "cpu") -> dict[str, Any]:
+    """Where the figures were measured (with the GPU's name and CUDA version on a GPU)."""
+    meta = {
         "platform": platform.platform(),
         "processor": cpu_name(),
         "cpus": os.cpu_count(),
@@ -259,6 +332,10 @@ def machine(threads: int, load: tuple[float, float, float]) -> dict[str, Any]:
         "load_avg_before": load,
         "load_avg_after": os.getloadavg(),
     }
+    if device.startswith("cuda"):
+        meta |= {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+        meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return meta
 
 
 def write_doc(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> None:
@@ -305,25 +382,31 @@ def main() -> None:
     parser.add_argument("--big-reps", type=int, default=3, help="timed rounds for B >= 16384")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--chunks", nargs="*", type=int, default=[], help="also the streamed path in blocks of N")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: --no-doc, results in losses_cuda.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default by device)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/scaling.md")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    out = args.out or (RESULTS_CUDA if cuda else RESULTS)
     torch.set_num_threads(args.threads)
     oc = load_open_clip_loss()
     load = os.getloadavg()
+    impls = tuple(args.impls) + tuple(f"chunk{n}" for n in args.chunks)
+    digits = 5 if cuda else 3
     rows: list[dict[str, Any]] = []
     for batch, dim in map(parse_size, args.sizes):
         for loss in args.losses:
             reps = args.big_reps if batch >= 16384 else args.reps
-            rows += measure(loss, batch, dim, reps, tuple(args.impls), oc)
-            print("\n".join(table(rows[-len(args.impls) :])[2:]), flush=True)
-    print("\n".join([*table(rows), "", *growth(rows), "", *bars(rows)]))
-    meta = machine(args.threads, load)
+            rows += measure(loss, batch, dim, reps, impls, oc, args.device)
+            print("\n".join(table(rows[-len(impls) :], digits)[2:]), flush=True)
+    print("\n".join([*table(rows, digits), "", *growth(rows), "", *bars(rows)]))
+    meta = machine(args.threads, load, args.device)
     print(f"load average before {meta['load_avg_before']}, after {meta['load_avg_after']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
-    if not args.no_doc:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    if not (args.no_doc or cuda):  # the doc's section holds the CPU figures
         write_doc(rows, meta, " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/losses.py", *sys.argv[1:]]))
         print(f"wrote {DOC}")
 

@@ -25,6 +25,14 @@ section of ``docs/scaling.md``.
 
     .venv/bin/python benchmarks/train_step.py                    # ViT-S-32, B = 32, 2 rounds
     .venv/bin/python benchmarks/train_step.py --batch 8 --rounds 1 --no-doc
+    python benchmarks/train_step.py --device cuda --batch 256 --rounds 5
+
+With ``--device cuda`` models and data live on the GPU, each timed step is bracketed by
+``torch.cuda.synchronize()``, bf16 is ``torch.autocast("cuda", ...)``, the peak memory of a step
+is ``torch.cuda.max_memory_allocated()`` during it minus the memory held before it (weights,
+optimizer state, inputs), the figures go to ``benchmarks/results/train_step_cuda.json`` and
+``docs/scaling.md`` is left alone. On CUDA open_clip's default AdamW is torch's ``foreach``
+implementation (multi-tensor kernels), modalign's the fused kernel.
 
 open_clip is a benchmark-only tool (``pip install --no-deps open-clip-torch``). Its model files
 are loaded from the installed package without running ``open_clip/__init__.py``; where
@@ -43,7 +51,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +61,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docsection import write_section
-from losses import cpu_name, peak_tensor_bytes
+from losses import cpu_name, peak_bytes, timed
 
 from modalign.core import Batch, ModalitySpec
 from modalign.train.build import build_method
@@ -63,6 +70,7 @@ from modalign.train.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+RESULTS_CUDA = ROOT / "benchmarks" / "results" / "train_step_cuda.json"
 DOC = ROOT / "docs" / "scaling.md"
 
 
@@ -132,26 +140,32 @@ def modalign_recipe(cfg: dict[str, Any], checkpoint: bool) -> tuple[dict[str, An
 
 
 def make_steps(
-    cfg: dict[str, Any], batch: int, oc_model: types.ModuleType, oc_loss: types.ModuleType, open_clip_ckpt: bool
+    cfg: dict[str, Any],
+    batch: int,
+    oc_model: types.ModuleType,
+    oc_loss: types.ModuleType,
+    open_clip_ckpt: bool,
+    device: str = "cpu",
 ) -> tuple[dict[str, Callable[[bool], Tensor]], dict[str, int]]:
-    """``{implementation: step(bf16) -> loss}`` and parameter counts."""
+    """``{implementation: step(bf16) -> loss}`` and parameter counts; models and data on ``device``."""
     g = torch.Generator().manual_seed(0)
     size, context = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
-    images = torch.randn(batch, 3, size, size, generator=g)
-    tokens = torch.randint(1, cfg["text_cfg"]["vocab_size"], (batch, context), generator=g)
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    tokens = torch.randint(1, cfg["text_cfg"]["vocab_size"], (batch, context), generator=g).to(device)
+    kind = torch.device(device).type
     steps: dict[str, Callable[[bool], Tensor]] = {}
     params: dict[str, int] = {}
 
     for name, ckpt in (("open_clip", False), ("open_clip+ckpt", True))[: 2 if open_clip_ckpt else 1]:
         torch.manual_seed(0)
-        model = oc_model.CLIP(**cfg)
+        model = oc_model.CLIP(**cfg).to(device)
         model.set_grad_checkpointing(ckpt)
         model.train()
         loss_fn = oc_loss.ClipLoss()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def oc_step(bf16: bool, model: Any = model, loss_fn: Any = loss_fn, opt: Any = opt) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
                 image_features, text_features, scale = model(images, tokens)[:3]
                 loss = loss_fn(image_features, text_features, scale)
             opt.zero_grad(set_to_none=True)
@@ -167,17 +181,17 @@ def make_steps(
         present={m: torch.ones(batch, dtype=torch.bool) for m in ("image", "text")},
         ids=torch.arange(batch),
         padding={"text": torch.zeros(batch, context, dtype=torch.bool)},
-    )
+    ).to(device)
     for name, ckpt in (("modalign", False), ("modalign+ckpt", True)):
         recipe, specs = modalign_recipe(cfg, ckpt)
         torch.manual_seed(0)
         validated = validate_recipe(recipe)
-        method = build_method(validated, specs)
+        method = build_method(validated, specs).to(device)
         method.train()
         opt = make_optimizer(method, validated.train)  # the trainer's AdamW, with train.fused_adamw
 
         def ma_step(bf16: bool, method: Any = method, opt: Any = opt) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
                 loss = method.loss(method(data), data).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,7 +203,9 @@ def make_steps(
     return steps, params
 
 
-def measure(steps: dict[str, Callable[[bool], Tensor]], rounds: int, batch: int, memory: bool) -> list[dict[str, Any]]:
+def measure(
+    steps: dict[str, Callable[[bool], Tensor]], rounds: int, batch: int, memory: bool, device: str = "cpu"
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for bf16 in (False, True):
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -198,11 +214,9 @@ def measure(steps: dict[str, Callable[[bool], Tensor]], rounds: int, batch: int,
         names = list(steps)
         for r in range(rounds):  # each round starts one implementation later: no fixed predecessor
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                steps[name](bf16)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(lambda name=name, bf16=bf16: steps[name](bf16), device))
         for name, fn in steps.items():
-            peak = peak_tensor_bytes(lambda fn=fn, bf16=bf16: fn(bf16))[0] if memory else 0
+            peak = peak_bytes(lambda fn=fn, bf16=bf16: fn(bf16), device)[0] if memory else 0
             median = statistics.median(times[name])
             rows.append(
                 {
@@ -231,8 +245,9 @@ def table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
             if r["impl"].endswith("+ckpt")
             else ""
         )
+        digits = 2 if r["median_s"] >= 1 else 3  # GPU steps take milliseconds
         lines.append(
-            f"| {r['impl']} | {r['precision']} | {params[r['impl']] / 1e6:.1f} | {r['median_s']:.2f} | "
+            f"| {r['impl']} | {r['precision']} | {params[r['impl']] / 1e6:.1f} | {r['median_s']:.{digits}f} | "
             f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
             f"{r['peak_tensor_mib']:.0f} | {ckpt} |"
         )
@@ -257,15 +272,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--no-memory", action="store_true", help="Skip the profiled memory step.")
     parser.add_argument("--no-doc", action="store_true", help="Do not rewrite docs/scaling.md.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: --no-doc, train_step_cuda.json).")
+    parser.add_argument("--out", type=Path, default=None, help="Results JSON (default by device).")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    out = args.out or (RESULTS_CUDA if cuda else RESULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     oc_model, oc_loss, configs = load_open_clip()
     cfg = json.loads((configs / f"{args.config}.json").read_text())
-    steps, params = make_steps(cfg, args.batch, oc_model, oc_loss, args.open_clip_ckpt)
-    rows = measure(steps, args.rounds, args.batch, not args.no_memory)
-    meta = {
+    steps, params = make_steps(cfg, args.batch, oc_model, oc_loss, args.open_clip_ckpt, args.device)
+    rows = measure(steps, args.rounds, args.batch, not args.no_memory, args.device)
+    meta: dict[str, Any] = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -276,11 +295,14 @@ def main() -> None:
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
+    if cuda:
+        meta |= {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+        meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     lines = table(rows, params)
     print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "params": params, "rows": rows}, indent=2) + "\n")
-    if not args.no_doc:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "params": params, "rows": rows}, indent=2) + "\n")
+    if not (args.no_doc or cuda):  # the doc's section holds the CPU figures
         write_doc(
             lines,
             meta,
