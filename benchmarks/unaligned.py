@@ -149,6 +149,7 @@ HEADINGS = {
     "translation": "Fully unpaired: Multi30k English vs German",
     "lexicon": "Fully unpaired: emoji English vs German labels (lexicon induction)",
     "pairing": "Mix-paired: paired fraction sweep",
+    "pairing_stitched": "Mix-paired with stitched towers (frozen pretrained encoders): 100% and 1% pairs",
     "noise": "Noisy pairs: pair noise sweep",
     "offsets": "Fine-grained: basicmotions with temporal offsets",
     "plans": "Fine-grained: OT plans between emoji label words and image regions",
@@ -171,6 +172,20 @@ def row_matches(key: str, part: str) -> bool:
     return key == part[:-1] if part.endswith("$") else part in key
 
 
+def section_name(args: argparse.Namespace) -> str:
+    """The doc section / results key: ``pairing_stitched`` for the stitched recipes' pairing sweep.
+
+    Raises:
+        SystemExit: If one call mixes stitched and from-scratch datasets, or a stitched one outside ``pairing``.
+    """
+    stitched = [d for d in args.datasets if d in runs_mod.STITCHED]
+    if not stitched:
+        return str(args.only)
+    if args.only != "pairing" or len(stitched) != len(args.datasets):
+        raise SystemExit(f"{', '.join(stitched)}: only in --only pairing, without the other datasets")
+    return "pairing_stitched"
+
+
 def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """A training sweep: adopt or run the missing rows, then the tables and curves."""
     rows = sweep_rows(args)
@@ -183,7 +198,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         return runs_mod.offsets_table(store)
     table = runs_mod.pairing_table if args.only == "pairing" else runs_mod.noise_table
     plot = runs_mod.plot_pairing if args.only == "pairing" else runs_mod.plot_noise
-    png = plot(args.datasets, store, DOC.parent / "img" / f"unaligned_{args.only}.png")
+    png = plot(args.datasets, store, DOC.parent / "img" / f"unaligned_{section_name(args)}.png")
     lines: list[str] = [runs_mod.__doc__.split("\n\n")[-1].replace("\n", " "), ""]
     verdicts: dict[str, Any] = {}
     for dataset in args.datasets:
@@ -214,7 +229,13 @@ def main() -> None:
     parser.add_argument("--wp-epsilon", type=float, default=0.05)
     parser.add_argument("--refine", type=int, default=10, help="Mutual-neighbour Procrustes iterations.")
     parser.add_argument("--cache", help="File keeping the sentence embeddings between runs (written if absent).")
-    parser.add_argument("--datasets", nargs="+", default=list(runs_mod.SWEPT), choices=list(runs_mod.SWEPT))
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(runs_mod.SWEPT),
+        choices=[*runs_mod.SWEPT, *runs_mod.STITCHED],
+        help="Sweeps: datasets (the stitched recipes take part in the pairing sweep only).",
+    )
     parser.add_argument(
         "--rows", nargs="*", help="Sweeps: only rows whose key contains one of these (or equals one ending in $)."
     )
@@ -227,6 +248,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     unaligned_emoji.add_arguments(parser)
     args = parser.parse_args()
+    section_name(args)  # refuse a stitched dataset outside the pairing sweep before running anything
     load = os.getloadavg()[0]
     lines, result = run_section(args)
     machine = (
@@ -236,7 +258,7 @@ def main() -> None:
     print("\n".join([machine, "", *lines]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged[args.only] = result
+    merged[section_name(args)] = result
     RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
     if not args.no_doc:
         command = f"MODALIGN_DATA=../shared/data .venv/bin/python benchmarks/unaligned.py --only {args.only}"
@@ -244,7 +266,8 @@ def main() -> None:
             command += f" --datasets {' '.join(args.datasets)} [--jobs N] [--rows KEY ...] [--table]"
         elif args.only == "offsets":
             command += " [--jobs N] [--rows KEY ...] [--table]"
-        write_section(DOC, f"unaligned_{args.only}", command, machine, lines, HEADINGS[args.only], script="unaligned")
+        name = section_name(args)
+        write_section(DOC, f"unaligned_{name}", command, machine, lines, HEADINGS[name], script="unaligned")
 
 
 if __name__ == "__main__":

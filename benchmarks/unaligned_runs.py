@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -53,6 +54,28 @@ DATASETS: dict[str, dict[str, Any]] = {
         "chance": 0.025,
         "probes": ["image/linear_probe", "text/linear_probe"],
     },
+    # The stitched recipes: frozen pretrained encoders (cached features) with trained adapters.
+    "av-digits-stitch": {
+        "recipe": "av-digits-stitch",
+        "modalities": ["image", "audio"],
+        "temperature": 0.1,
+        "keys": ["image->audio/p@1", "audio->image/p@1"],
+        "metric": "p@1",
+        "chance": 0.10,
+        "probes": ["image/linear_probe", "audio/linear_probe"],
+        "fractions": (1.0, 0.01),
+    },
+    "emoji-stitch": {
+        "recipe": "emoji-stitch",
+        "modalities": ["image", "text"],
+        "temperature": 0.05,
+        "infonce": ", learn_temperature: false",
+        "keys": ["image->text/R@10", "text->image/R@10"],
+        "metric": "R@10",
+        "chance": 0.025,
+        "probes": ["image/linear_probe", "text/linear_probe"],
+        "fractions": (1.0, 0.01),
+    },
     "basicmotions": {
         "recipe": "basicmotions-clip",
         "modalities": ["accel", "gyro"],
@@ -65,6 +88,8 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 #: The datasets of the paired-fraction and noise sweeps.
 SWEPT = ("av-digits", "emoji")
+#: The paired-fraction sweep also runs on the stitched recipes (at 100% and 1% only).
+STITCHED = ("av-digits-stitch", "emoji-stitch")
 
 FRACTIONS = (1.0, 0.1, 0.01, 0.001)
 NOISES = (0.0, 0.2, 0.5)
@@ -88,7 +113,8 @@ def _objectives(*objectives: str) -> str:
 
 
 def _infonce(d: dict[str, Any]) -> str:
-    return f"{{name: infonce, modalities: [{', '.join(d['modalities'])}], temperature: {d['temperature']}}}"
+    extra = d.get("infonce", "")
+    return f"{{name: infonce, modalities: [{', '.join(d['modalities'])}], temperature: {d['temperature']}{extra}}}"
 
 
 def _pseudo(d: dict[str, Any], extra: str) -> str:
@@ -125,6 +151,18 @@ PAIRING_METHODS: tuple[Method, ...] = (
                 _infonce(d),
                 f"{{name: unimodal_infonce, modalities: [{', '.join(d['modalities'])}], "
                 "temperature: 0.1, dim: 128, weight: 0.5}",
+            ),
+        ],
+        cycled=True,
+        mixed=True,
+    ),
+    Method(
+        "mix-paired: + feature-neighbour positives on the pools (k 3)",
+        lambda d: [
+            _objectives(
+                _infonce(d),
+                f"{{name: unimodal_infonce, modalities: [{', '.join(d['modalities'])}], "
+                "temperature: 0.1, neighbours: 3, weight: 1.0}",
             ),
         ],
         cycled=True,
@@ -221,7 +259,8 @@ def pairing_rows(datasets: list[str]) -> list[Row]:
     rows = []
     for dataset in datasets:
         rows.append(Row("pairing", dataset, PAIRING_METHODS[0], 1.0))
-        rows += [Row("pairing", dataset, m, f) for f in FRACTIONS[1:] for m in PAIRING_METHODS]
+        fractions = DATASETS[dataset].get("fractions", FRACTIONS)[1:]
+        rows += [Row("pairing", dataset, m, f) for f in fractions for m in PAIRING_METHODS]
     return rows
 
 
@@ -265,7 +304,7 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
     store = json.loads(results.read_text()) if results.exists() else {}
     for run_dir in run_dirs:
         line = (run_dir / "command.txt").read_text().splitlines()[-1]
-        argv = line.split()
+        argv = shlex.split(line)
         kv = sorted(a for a in argv[3:] if "=" in a and not a.startswith("-") and not a.startswith(NEUTRAL))
         match = [r for r in rows if r.recipe == argv[2] and sorted(r.overrides()) == kv]
         if not match:
@@ -490,7 +529,7 @@ def plot_pairing(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
         full = figure(full_row, runs.get(full_row.key))
         for method in PAIRING_METHODS:
             xs, ys = [], []
-            for f in FRACTIONS:
+            for f in d.get("fractions", FRACTIONS):
                 row = Row("pairing", dataset, PAIRING_METHODS[0] if f == 1.0 else method, f)
                 v = figure(row, runs.get(row.key))
                 if v is not None:

@@ -21,6 +21,7 @@ from modalign.core import Batch, ConfigError, ModalitySpec, Outputs
 from modalign.core.registry import create, lookup
 from modalign.methods import Method
 from modalign.objectives import UnimodalInfoNCE, nt_xent_loss, unimodal_infonce_loss
+from modalign.objectives.unimodal import feature_neighbours, positive_infonce_loss
 from support.reference import assert_same_value_and_grad, composite_method, leaves, normed
 
 F64 = torch.float64
@@ -209,6 +210,7 @@ def test_temperature_is_fixed_by_default() -> None:
         ({"max_logit_scale": 0.0}, "max_logit_scale"),
         ({"modalities": []}, "modalities"),
         ({"modalities": ["x", "x"]}, "modalities"),
+        ({"neighbours": -1}, "neighbours"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], key: str) -> None:
@@ -290,3 +292,91 @@ def test_heads_need_bind_and_get_zero_gradients_without_views() -> None:
     trained = [p for p in the_objective(method).parameters() if p.requires_grad]
     assert len(trained) == 8  # two heads of two linear layers (the temperature is fixed)
     assert all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in trained)
+
+
+# ---------------------------------------------------------------- feature neighbours as positives
+
+
+def loop_positive_loss(z: Tensor, positive: list[list[int]], logit_scale: Tensor) -> Tensor:
+    """Mean over rows with positives of ``-(1/|P(i)|) sum_{p in P(i)} log(exp(s_ip) / sum_{k != i} exp(s_ik))``."""
+    s = logit_scale.exp()
+    n = z.shape[0]
+    terms = []
+    for i in range(n):
+        if not positive[i]:
+            continue
+        den = torch.stack([torch.exp(s * (z[i] * z[k]).sum()) for k in range(n) if k != i]).sum()
+        logs = [torch.log(torch.exp(s * (z[i] * z[p]).sum()) / den) for p in positive[i]]
+        terms.append(-torch.stack(logs).sum() / len(positive[i]))
+    return torch.stack(terms).mean()
+
+
+def loop_neighbours(features: Tensor, content: list[int], k: int) -> list[list[int]]:
+    """Each row's ``k`` rows of other content with the largest cosine, by sorting."""
+    unit = F.normalize(features, dim=1)
+    out = []
+    for i in range(len(content)):
+        others = [j for j in range(len(content)) if content[j] != content[i]]
+        others.sort(key=lambda j: -float(unit[i] @ unit[j]))
+        out.append(sorted(others[:k]))
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 9])
+def test_feature_neighbours_equal_a_sort_and_skip_own_content(k: int) -> None:
+    features = torch.randn(7, 5, generator=torch.Generator().manual_seed(k), dtype=F64)
+    content = [0, 1, 0, 2, 3, 3, 4]
+    got = feature_neighbours(features, torch.tensor(content), k)
+    want = loop_neighbours(features, content, k)
+    assert [sorted(torch.nonzero(r).squeeze(1).tolist()) for r in got] == want
+    assert not bool((got & (torch.tensor(content)[:, None] == torch.tensor(content)[None, :])).any())
+
+
+def test_positive_loss_equals_the_loop_formula_value_and_gradient() -> None:
+    z = normed(6, 4, 20)
+    positive = [[1, 2], [], [0], [4, 5, 0], [], [3]]
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    for i, row in enumerate(positive):
+        mask[i, row] = True
+    mask[4, 4] = True  # the diagonal is ignored: row 4 has no positive
+    assert_same_value_and_grad(
+        lambda z, s: positive_infonce_loss(z, mask, s), lambda z, s: loop_positive_loss(z, positive, s), z, SCALE
+    )
+
+
+def test_neighbours_add_the_pooled_features_nearest_rows_to_the_views() -> None:
+    obj, outputs, batch = hand_built()
+    obj.neighbours = 2
+    pooled = {
+        "x": torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=F64),
+        "y": torch.randn(8, 3, dtype=F64),
+    }
+    outputs = Outputs(embeddings=outputs.embeddings, pooled=pooled)
+    out = obj(outputs, batch)
+    scale = obj.scale.logit_scale
+    refs = []
+    for m, rows, content in (("x", slice(0, 6), X_CONTENT), ("y", slice(2, 8), Y_CONTENT)):
+        near = loop_neighbours(pooled[m][rows], content, 2)
+        views = [[j for j in range(6) if j != i and content[j] == content[i]] for i in range(6)]
+        positive = [sorted(set(a) | set(b)) for a, b in zip(near, views, strict=True)]
+        refs.append(loop_positive_loss(F.normalize(outputs.embeddings[m][rows], dim=-1), positive, scale))
+    ref = 0.5 * (refs[0] + refs[1])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-8, atol=1e-10)
+    x = outputs.embeddings["x"]
+    torch.testing.assert_close(
+        torch.autograd.grad(out.loss, x)[0], torch.autograd.grad(ref, x)[0], rtol=1e-8, atol=1e-10
+    )
+    obj.neighbours = 0
+    assert abs(float(obj(outputs, batch).loss.detach()) - float(ref.detach())) > 1e-3  # the neighbours change it
+
+
+def test_neighbours_train_a_modality_without_views_and_need_pooled_features() -> None:
+    obj, outputs, batch = hand_built()
+    batch.modality_ids = {"x": torch.arange(8), "y": torch.arange(8, 16)}  # no views anywhere
+    assert obj(outputs, batch).parts == {}
+    obj.neighbours = 1
+    with pytest.raises(ValueError, match="pooled features of 'x'"):
+        obj(outputs, batch)
+    pooled = {m: torch.randn(8, 3, dtype=F64) for m in ("x", "y")}
+    out = obj(Outputs(embeddings=outputs.embeddings, pooled=pooled), batch)
+    assert set(out.parts) == {"x", "y"} and "top1" not in out.metrics and out.metrics["anchors"] == 0.0

@@ -8,6 +8,14 @@ rows of modality ``m`` that share a content id (``Batch.ids_of(m)``). Each such 
 anchor whose positives are its other views; every other observed row of ``m`` in the batch is
 a negative. Rows without another view are negatives only.
 
+With ``neighbours: k`` a row's positives also include the ``k`` rows of the batch nearest to it
+in its encoder's pooled feature space (``Outputs.pooled``), as NNCLR (Dwibedi et al. 2021,
+"With a Little Help from My Friends: Nearest-Neighbor Contrastive Learning of Visual
+Representations", ICCV) takes neighbours as positives; here the neighbours come from the
+encoder's features rather than the learnt embedding, which is what a stitched model with a frozen
+pretrained encoder wants: its adapter, trained across modalities on a few pairs, keeps the
+pretrained neighbourhoods of the unimodal pools instead of forgetting them.
+
 ``unimodal_infonce_loss`` holds the mathematics; the registered module ``UnimodalInfoNCE``
 selects each modality's observed rows, optionally maps them through a SimCLR projection head
 ``g(.)`` of its own, and averages over the modalities.
@@ -37,6 +45,61 @@ def view_positives(content: Tensor) -> Tensor:
     n = content.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=content.device)
     return (content[:, None] == content[None, :]) & ~eye
+
+
+def feature_neighbours(features: Tensor, content: Tensor, k: int) -> Tensor:
+    """``BoolTensor[N, N]``: ``[i, j]`` True where row ``j`` is one of the ``k`` rows nearest to row ``i``.
+
+    Nearest by cosine of ``features`` among the rows of another content (a row's own views are
+    its positives already); fewer than ``k`` where fewer such rows exist. Ties are broken by
+    ``topk``.
+
+    Args:
+        features: ``Tensor[N, D]`` features the neighbourhoods are read from (no gradient).
+        content: ``LongTensor[N]`` content ids.
+        k: Neighbours per row, ``>= 0``.
+    """
+    n = features.shape[0]
+    out = torch.zeros(n, n, dtype=torch.bool, device=features.device)
+    k = min(k, n - 1)
+    if k <= 0:
+        return out
+    with torch.no_grad():
+        unit = F.normalize(features.float(), dim=1)
+        sim = (unit @ unit.T).masked_fill(content[:, None] == content[None, :], float("-inf"))
+        top = sim.topk(k, dim=1)
+        out.scatter_(1, top.indices, torch.isfinite(top.values))
+    return out
+
+
+def positive_infonce_loss(z: Tensor, positive: Tensor, logit_scale: Tensor) -> Tensor:
+    """SupCon "L_out" among the rows of one modality with the given positives (see ``unimodal_infonce_loss``).
+
+    Args:
+        z: ``Tensor[N, E]`` embeddings, assumed L2-normalised.
+        positive: ``BoolTensor[N, N]``, ``[i, p]`` True where ``p`` is a positive of ``i``
+            (the diagonal is ignored); the anchors are the rows with at least one.
+        logit_scale: Scalar tensor, the log of the inverse temperature.
+
+    Raises:
+        ValueError: If ``z`` is not 2-D or ``positive`` not ``[N, N]``.
+    """
+    if z.dim() != 2:
+        raise ValueError(f"z must be [N, E], got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    if positive.shape != (n, n):
+        raise ValueError(f"positive must be [N, N] with N={n}, got shape {tuple(positive.shape)}")
+    scale = scale_of(logit_scale)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    positive = positive.to(z.device) & ~eye
+    anchors = positive.any(dim=1)
+    if not bool(anchors.any()):
+        return 0.0 * (z.sum() + scale)
+    logits = (scale * z[anchors] @ z.T).masked_fill(eye[anchors], float("-inf"))
+    log_prob = F.log_softmax(logits, dim=1)
+    pos = positive[anchors]
+    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(dim=1) / pos.sum(dim=1)
+    return per_anchor.mean()
 
 
 def unimodal_infonce_loss(z: Tensor, content: Tensor, logit_scale: Tensor) -> Tensor:
@@ -70,17 +133,7 @@ def unimodal_infonce_loss(z: Tensor, content: Tensor, logit_scale: Tensor) -> Te
         raise ValueError(f"z must be [N, E], got shape {tuple(z.shape)}")
     if content.shape != z.shape[:1]:
         raise ValueError(f"content must be [N] with N={z.shape[0]}, got shape {tuple(content.shape)}")
-    scale = scale_of(logit_scale)
-    positive = view_positives(content.to(z.device))
-    anchors = positive.any(dim=1)
-    if not bool(anchors.any()):
-        return 0.0 * (z.sum() + scale)
-    own = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)[anchors]  # [A, N]: the anchor itself
-    logits = (scale * z[anchors] @ z.T).masked_fill(own, float("-inf"))
-    log_prob = F.log_softmax(logits, dim=1)
-    pos = positive[anchors]
-    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(dim=1) / pos.sum(dim=1)
-    return per_anchor.mean()
+    return positive_infonce_loss(z, view_positives(content.to(z.device)), logit_scale)
 
 
 def view_top1(z: Tensor, content: Tensor) -> tuple[int, float]:
@@ -138,10 +191,12 @@ class UnimodalInfoNCE(Objective):
         max_logit_scale: Clamp on ``1/temperature``.
         dim: Output width of the per-modality projection head; ``None``: no head (the loss acts
             on the shared embeddings).
+        neighbours: Also take each row's ``k`` nearest rows of the batch in its encoder's pooled
+            feature space as positives (``feature_neighbours``); ``0``: views only (SimCLR).
 
     Raises:
         ConfigError: Naming the argument: empty or repeated ``modalities``, ``temperature <= 0``,
-            ``max_logit_scale <= 0`` or ``dim < 1``; at ``bind``, a modality the model lacks.
+            ``max_logit_scale <= 0``, ``dim < 1`` or ``neighbours < 0``; at ``bind``, a modality the model lacks.
     """
 
     def __init__(
@@ -151,6 +206,7 @@ class UnimodalInfoNCE(Objective):
         learn_temperature: bool = False,
         max_logit_scale: float = 100.0,
         dim: int | None = None,
+        neighbours: int = 0,
     ) -> None:
         super().__init__()
         if modalities is not None and (not modalities or len(set(modalities)) != len(modalities)):
@@ -158,6 +214,8 @@ class UnimodalInfoNCE(Objective):
         check_arg("temperature", temperature > 0, f"must be > 0, got {temperature}")
         check_arg("max_logit_scale", max_logit_scale > 0, f"must be > 0, got {max_logit_scale}")
         check_arg("dim", dim is None or dim >= 1, f"must be null or >= 1, got {dim}")
+        check_arg("neighbours", neighbours >= 0, f"must be >= 0, got {neighbours}")
+        self.neighbours = neighbours
         self._modalities: tuple[str, ...] | None = tuple(modalities) if modalities is not None else None
         self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
         self.dim = dim
@@ -211,12 +269,28 @@ class UnimodalInfoNCE(Objective):
             z = self.heads[modality](z)
         return F.normalize(z, dim=-1), content
 
+    def positives(self, outputs: Outputs, batch: Batch, modality: str, content: Tensor) -> Tensor:
+        """``BoolTensor[N_m, N_m]``: the other views of each observed row, plus its feature neighbours.
+
+        Raises:
+            ValueError: If ``neighbours > 0`` and the outputs hold no pooled features of ``modality``.
+        """
+        positive = view_positives(content)
+        if self.neighbours == 0:
+            return positive
+        if modality not in outputs.pooled:
+            raise ValueError(f"unimodal_infonce: neighbours need the pooled features of {modality!r}")
+        pooled = outputs.pooled[modality]
+        features = pooled[batch.rows(modality).to(pooled.device)].detach()
+        return positive | feature_neighbours(features, content, self.neighbours)
+
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Mean over modalities of the per-modality loss; metrics ``temperature``, ``anchors``, ``top1``.
 
-        ``anchors`` counts the anchors of every modality and ``top1`` (only with anchors) is the
-        fraction of them whose nearest other row is a view; ``anchors/m`` and ``top1/m`` per
-        modality.
+        ``anchors`` counts the rows with a view and ``top1`` (only with such rows) is the fraction
+        of them whose nearest other row is a view; ``anchors/m`` and ``top1/m`` per modality. A
+        modality takes part when some row has a positive (a view, or with ``neighbours`` a
+        neighbour).
         """
         scale = self.scale()
         parts: dict[str, Tensor] = {}
@@ -229,15 +303,17 @@ class UnimodalInfoNCE(Objective):
             z, content = views
             count, top1 = view_top1(z.detach(), content)
             metrics[f"anchors/{m}"] = float(count)
-            if count == 0:
-                continue
-            metrics[f"top1/{m}"] = top1
-            anchors, hits = anchors + count, hits + top1 * count
-            parts[m] = unimodal_infonce_loss(z, content, scale)
+            if count > 0:
+                metrics[f"top1/{m}"] = top1
+                anchors, hits = anchors + count, hits + top1 * count
+            positive = self.positives(outputs, batch, m, content)
+            if bool((positive & ~torch.eye(len(content), dtype=torch.bool, device=positive.device)).any()):
+                parts[m] = positive_infonce_loss(z, positive, scale)
         metrics["anchors"] = float(anchors)
         zero = outputs.zero(scale, *self.heads.parameters())
         if not parts:
             return LossOutput(loss=zero, metrics=metrics)
-        metrics["top1"] = hits / anchors
+        if anchors:
+            metrics["top1"] = hits / anchors
         total = sum(parts.values(), start=zero)
         return LossOutput(loss=total / len(parts), parts=parts, metrics=metrics)
