@@ -41,6 +41,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 import unaligned_emoji
+import unaligned_plots
 import unaligned_runs as runs_mod
 from docsection import write_section
 from losses import cpu_name
@@ -197,7 +198,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if args.only == "offsets":
         return runs_mod.offsets_table(store)
     table = runs_mod.pairing_table if args.only == "pairing" else runs_mod.noise_table
-    plot = runs_mod.plot_pairing if args.only == "pairing" else runs_mod.plot_noise
+    plot = unaligned_plots.plot_pairing if args.only == "pairing" else unaligned_plots.plot_noise
     png = plot(args.datasets, store, DOC.parent / "img" / f"unaligned_{section_name(args)}.png")
     lines: list[str] = [runs_mod.__doc__.split("\n\n")[-1].replace("\n", " "), ""]
     verdicts: dict[str, Any] = {}

@@ -1,0 +1,77 @@
+"""PNG curves of the pairing and noise sweeps of ``benchmarks/unaligned.py`` (docs/img/unaligned_*.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from unaligned_runs import DATASETS, FRACTIONS, NOISE_METHODS, NOISES, PAIRING_METHODS, Row, figure
+
+
+def plot_pairing(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
+    """Figure per dataset across ``datasets`` against paired fraction (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    runs = store.get("runs", {})
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        d = DATASETS[dataset]
+        full_row = Row("pairing", dataset, PAIRING_METHODS[0], 1.0)
+        full = figure(full_row, runs.get(full_row.key))
+        for method in PAIRING_METHODS:
+            if method.only is not None and dataset not in method.only:
+                continue
+            xs, ys = [], []
+            for f in d.get("fractions", FRACTIONS):
+                row = Row("pairing", dataset, PAIRING_METHODS[0] if f == 1.0 else method, f)
+                v = figure(row, runs.get(row.key))
+                if v is not None:
+                    xs.append(100 * f)
+                    ys.append(v)
+            ax.plot(xs, ys, marker="o", label=method.name)
+        if full is not None:
+            ax.axhline(full, color="grey", lw=0.8, ls=":")
+        ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlim(0.05, 200)
+        ax.set_xlabel("paired fraction of the training split (%)")
+        ax.set_ylabel(f"{d['metric']} (mean of both directions)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
+    """Figure per dataset against the fraction of pairs replaced, one line per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    runs = store.get("runs", {})
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        d = DATASETS[dataset]
+        for method in NOISE_METHODS:
+            pts = [
+                (100 * n, figure(r, runs.get(r.key))) for n in NOISES for r in [Row("noise", dataset, method, noise=n)]
+            ]
+            pts = [(x, y) for x, y in pts if y is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.name)
+        ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
+        ax.set_xlabel("training pairs replaced by a random partner (%)")
+        ax.set_ylabel(f"{d['metric']} (mean of both directions)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
