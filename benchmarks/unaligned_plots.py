@@ -10,12 +10,7 @@ from unaligned_runs import DATASETS, FRACTIONS, NOISE_METHODS, NOISES, PAIRING_M
 
 def plot_pairing(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
     """Figure per dataset across ``datasets`` against paired fraction (log x), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    fig, axes = _panels(len(datasets))
     runs = store.get("runs", {})
     for ax, dataset in zip(axes[0], datasets, strict=True):
         d = DATASETS[dataset]
@@ -41,21 +36,12 @@ def plot_pairing(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
         ax.set_ylabel(f"{d['metric']} (mean of both directions)")
         ax.set_title(dataset)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
     """Figure per dataset against the fraction of pairs replaced, one line per objective."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    fig, axes = _panels(len(datasets))
     runs = store.get("runs", {})
     for ax, dataset in zip(axes[0], datasets, strict=True):
         d = DATASETS[dataset]
@@ -70,6 +56,23 @@ def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
         ax.set_ylabel(f"{d['metric']} (mean of both directions)")
         ax.set_title(dataset)
         ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _panels(n: int) -> tuple[Any, Any]:
+    """A figure with ``n`` panels side by side (headless Agg backend) and its ``[1, n]`` axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    """Write ``fig`` to ``out`` as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
