@@ -102,6 +102,8 @@ class ImageViT(Encoder):
         checkpoint: Activation checkpointing: each transformer block is recomputed in the
             backward pass instead of keeping its activations (``Transformer``).
         pool: ``"cls"`` or ``"mean"``, what ``pooled`` is.
+        pre_norm: A LayerNorm on the token sequence ([CLS] and patches, with positions) before
+            the first block, as in CLIP's ViT (Radford et al. 2021, ``ln_pre``).
     """
 
     kind = "image"
@@ -119,6 +121,7 @@ class ImageViT(Encoder):
         dropout: float = 0.0,
         pool: Literal["cls", "mean"] = "cls",
         checkpoint: bool = False,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch != 0:
@@ -135,6 +138,7 @@ class ImageViT(Encoder):
         self.pos = nn.Parameter(torch.zeros(1, n + 1, dim))
         nn.init.trunc_normal_(self.cls, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
+        self.norm_pre: nn.Module = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
 
     @classmethod
@@ -182,7 +186,7 @@ class ImageViT(Encoder):
         check_tokens(tokens, padding, self.dim, "image_vit")
         cls = (self.cls + self.pos[:, :1]).expand(tokens.shape[0], -1, -1)
         full = None if padding is None else torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)
-        h = self.transformer(torch.cat([cls, tokens], dim=1), full)
+        h = self.transformer(self.norm_pre(torch.cat([cls, tokens], dim=1)), full)
         pooled = h[:, 0] if self.pool == "cls" else masked_mean(h[:, 1:], padding)
         return EncoderOutput(tokens=h[:, 1:], pooled=pooled, padding=padding)
 

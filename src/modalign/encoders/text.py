@@ -59,14 +59,22 @@ class _TextEncoder(Encoder):
 
 @register("encoder", "text_transformer")
 class TextTransformer(_TextEncoder):
-    """Bidirectional transformer text encoder (BERT, Devlin et al. 2019).
+    """Transformer text encoder: bidirectional (BERT, Devlin et al. 2019) or causal (CLIP's text tower).
 
-    The CLIP text tower (Radford et al. 2021) without the causal mask.
     Token and learned position embeddings, pre-norm transformer blocks with the padding mask.
     ``tokens`` are ``[B, T, dim]``; ``pooled`` is the masked mean over valid tokens
-    (``pool="mean"``) or the first token (``pool="cls"``, for tokenizers that prepend [CLS]),
-    ``[B, dim]``. Token stem (see ``Encoder``): ``stem`` is token plus position embeddings,
-    ``trunk`` the transformer and pooling, ``targets`` the token ids.
+    (``pool="mean"``), the first token (``pool="cls"``, for tokenizers that prepend [CLS]) or
+    the last valid token (``pool="last"``), ``[B, dim]``. Token stem (see ``Encoder``): ``stem``
+    is token plus position embeddings, ``trunk`` the transformer and pooling, ``targets`` the
+    token ids.
+
+    ``causal=True`` with ``pool="last"`` is the CLIP text tower (Radford et al. 2021; GPT-2
+    blocks, pooled at the end-of-text token, which closes the text): position ``t`` attends to
+    positions ``<= t`` only. When the padding is a suffix of every row (right padding, as the
+    tokenizers write it) no valid token can see a padded one, so the blocks run without a
+    padding mask on the plain causal kernel (``is_causal``); the outputs at padded positions are
+    then meaningless (they are masked downstream, as ``padding`` says). Other padding (a
+    gathered subset of tokens) keeps the per-row mask.
 
     Args:
         vocab_size: Tokenizer vocabulary size (from the modality spec).
@@ -74,11 +82,16 @@ class TextTransformer(_TextEncoder):
         depth: Number of transformer blocks.
         heads: Attention heads (must divide ``dim``).
         max_len: Longest accepted sequence.
-        pool: ``"mean"`` or ``"cls"``.
+        pool: ``"mean"``, ``"cls"`` or ``"last"``; ``"cls"`` is refused with ``causal`` (the
+            first token sees only itself).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
         checkpoint: Activation checkpointing: each transformer block is recomputed in the
             backward pass instead of keeping its activations (``Transformer``).
+        causal: Causal self-attention (see above).
+
+    Raises:
+        ConfigError: At ``pool`` for an unknown value, or ``"cls"`` with ``causal``.
     """
 
     def __init__(
@@ -88,21 +101,25 @@ class TextTransformer(_TextEncoder):
         depth: int = 2,
         heads: int = 4,
         max_len: int = 64,
-        pool: Literal["mean", "cls"] = "mean",
+        pool: Literal["mean", "cls", "last"] = "mean",
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         checkpoint: bool = False,
+        causal: bool = False,
     ) -> None:
         super().__init__()
-        if pool not in ("mean", "cls"):
-            raise ConfigError("pool", f"invalid value {pool!r}", ["mean", "cls"])
+        if pool not in ("mean", "cls", "last"):
+            raise ConfigError("pool", f"invalid value {pool!r}", ["mean", "cls", "last"])
+        if causal and pool == "cls":
+            reason = "'cls' pools the first token, which a causal tower lets see only itself"
+            raise ConfigError("pool", reason, ["mean", "last"])
         self.vocab_size = vocab_size
         self.dim = self.stem_dim = dim
-        self.pool = pool
+        self.pool, self.causal = pool, causal
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.positions = LearnedPositions(dim, max_len)
-        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, checkpoint=checkpoint)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, causal=causal, checkpoint=checkpoint)
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> EncoderOutput:
         """Encode ``LongTensor[B, T]`` ids with optional ``BoolTensor[B, T]`` padding: ``trunk(*stem(x))``.
@@ -130,9 +147,29 @@ class TextTransformer(_TextEncoder):
             ValueError: If ``tokens`` is not ``[B, T, dim]`` or ``padding`` not ``[B, T]``.
         """
         check_tokens(tokens, padding, self.dim, "text_transformer")
-        tokens = self.transformer(tokens, padding)
-        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens, padding)
+        unmasked = self.causal and (padding is None or is_suffix(padding))
+        tokens = self.transformer(tokens, None if unmasked else padding)
+        if self.pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.pool == "last":
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last_valid(tokens, padding)]
+        else:
+            pooled = masked_mean(tokens, padding)
         return EncoderOutput(tokens=tokens, pooled=pooled, padding=padding)
+
+
+def is_suffix(padding: Tensor) -> bool:
+    """Whether the padding of every row of ``BoolTensor[B, T]`` is a suffix (no valid token after a padded one)."""
+    return not bool((padding[:, :-1] & ~padding[:, 1:]).any())
+
+
+def last_valid(tokens: Tensor, padding: Tensor | None) -> Tensor:
+    """``LongTensor[B]``: the position of each row's last valid token (``T - 1`` without padding; 0 if all padded)."""
+    b, t = tokens.shape[:2]
+    if padding is None:
+        return torch.full((b,), t - 1, dtype=torch.long, device=tokens.device)
+    positions = torch.arange(t, device=tokens.device).expand(b, t)
+    return positions.masked_fill(padding, 0).amax(dim=1)
 
 
 @register("encoder", "text_bow")

@@ -175,7 +175,9 @@ def self_attend(attn: nn.MultiheadAttention, h: Tensor, padding: Tensor | None, 
         _check_padding(h, padding)
     if causal:
         blocked = causal_attention_mask(h.shape[1], padding, attn.num_heads, h.device)
-        return attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+        # Without padding the mask is the plain causal one: ``is_causal`` lets
+        # ``scaled_dot_product_attention`` skip the blocks above the diagonal instead of reading a mask.
+        return attn(h, h, h, attn_mask=blocked, need_weights=False, is_causal=padding is None)[0]
     mask = None if padding is None else padding & ~padding.all(dim=1, keepdim=True)
     return attn(h, h, h, key_padding_mask=mask, need_weights=False)[0]
 
