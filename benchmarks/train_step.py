@@ -100,7 +100,7 @@ def load_open_clip() -> tuple[types.ModuleType, types.ModuleType, Path]:
     return model, loss, folder / "model_configs"
 
 
-def modalign_recipe(cfg: dict[str, Any], checkpoint: bool) -> tuple[dict[str, Any], dict[str, ModalitySpec]]:
+def modalign_recipe(cfg: dict[str, Any], checkpoint: bool | int) -> tuple[dict[str, Any], dict[str, ModalitySpec]]:
     """The modalign recipe with the open_clip config's architecture, and the modality specs."""
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     v_heads = v["width"] // v.get("head_width", 64)
@@ -113,6 +113,7 @@ def modalign_recipe(cfg: dict[str, Any], checkpoint: bool) -> tuple[dict[str, An
             "heads": v_heads,
             "mlp_ratio": v.get("mlp_ratio", 4.0),
             "pool": "cls",
+            "pre_norm": True,  # open_clip's ln_pre
             "checkpoint": checkpoint,
         },
         "text": {
@@ -122,7 +123,8 @@ def modalign_recipe(cfg: dict[str, Any], checkpoint: bool) -> tuple[dict[str, An
             "heads": t["heads"],
             "mlp_ratio": t.get("mlp_ratio", 4.0),
             "max_len": t["context_length"],
-            "pool": "cls",
+            "causal": True,  # open_clip's causal text tower, pooled at the end-of-text token
+            "pool": "last",
             "checkpoint": checkpoint,
         },
     }
@@ -146,6 +148,7 @@ def make_steps(
     oc_loss: types.ModuleType,
     open_clip_ckpt: bool,
     device: str = "cpu",
+    ckpt_blocks: int | None = None,
 ) -> tuple[dict[str, Callable[[bool], Tensor]], dict[str, int]]:
     """``{implementation: step(bf16) -> loss}`` and parameter counts; models and data on ``device``."""
     g = torch.Generator().manual_seed(0)
@@ -182,7 +185,10 @@ def make_steps(
         ids=torch.arange(batch),
         padding={"text": torch.zeros(batch, context, dtype=torch.bool)},
     ).to(device)
-    for name, ckpt in (("modalign", False), ("modalign+ckpt", True)):
+    variants: list[tuple[str, bool | int]] = [("modalign", False), ("modalign+ckpt", True)]
+    if ckpt_blocks is not None:  # the first ckpt_blocks blocks of each tower recomputed
+        variants.append((f"modalign+ckpt:{ckpt_blocks}", ckpt_blocks))
+    for name, ckpt in variants:
         recipe, specs = modalign_recipe(cfg, ckpt)
         torch.manual_seed(0)
         validated = validate_recipe(recipe)
@@ -239,10 +245,10 @@ def table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
     ]
     for r in rows:
         base = ref[("open_clip", r["precision"])]
-        plain = ref[(r["impl"].removesuffix("+ckpt"), r["precision"])]
+        plain = ref[(r["impl"].split("+")[0], r["precision"])]
         ckpt = (
             f"{r['peak_tensor_mib'] / plain['peak_tensor_mib']:.2f}x mem, {r['median_s'] / plain['median_s']:.2f}x time"
-            if r["impl"].endswith("+ckpt")
+            if "+ckpt" in r["impl"]
             else ""
         )
         digits = 2 if r["median_s"] >= 1 else 3  # GPU steps take milliseconds
@@ -269,6 +275,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--open-clip-ckpt", action="store_true", help="Also open_clip with grad checkpointing.")
+    parser.add_argument(
+        "--ckpt-blocks", type=int, default=None, help="Also modalign recomputing only the first K blocks per tower."
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--no-memory", action="store_true", help="Skip the profiled memory step.")
     parser.add_argument("--no-doc", action="store_true", help="Do not rewrite docs/scaling.md.")
@@ -282,7 +291,7 @@ def main() -> None:
     load_before = os.getloadavg()
     oc_model, oc_loss, configs = load_open_clip()
     cfg = json.loads((configs / f"{args.config}.json").read_text())
-    steps, params = make_steps(cfg, args.batch, oc_model, oc_loss, args.open_clip_ckpt, args.device)
+    steps, params = make_steps(cfg, args.batch, oc_model, oc_loss, args.open_clip_ckpt, args.device, args.ckpt_blocks)
     rows = measure(steps, args.rounds, args.batch, not args.no_memory, args.device)
     meta: dict[str, Any] = {
         "cpu": cpu_name(),
@@ -307,7 +316,7 @@ def main() -> None:
             lines,
             meta,
             f".venv/bin/python benchmarks/train_step.py --config {args.config} --batch {args.batch} "
-            f"--rounds {args.rounds}",
+            f"--rounds {args.rounds}" + (f" --ckpt-blocks {args.ckpt_blocks}" if args.ckpt_blocks is not None else ""),
         )
 
 

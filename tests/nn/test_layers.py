@@ -201,3 +201,46 @@ def test_transformer_encoders_take_checkpoint() -> None:
     out = vit(torch.randn(2, 1, 8, 8))
     out.pooled.sum().backward()
     assert all(p.grad is not None for p in vit.parameters())
+
+
+@pytest.mark.parametrize(("checkpoint", "recomputed"), [(False, 0), (True, 3), (0, 0), (2, 2), (3, 3), (9, 3)])
+def test_checkpoint_block_count_recomputes_the_first_blocks_with_equal_gradients(
+    checkpoint: bool | int, recomputed: int
+) -> None:
+    """``checkpoint=k``: the first ``k`` blocks (at most ``depth - 1``) run twice; gradients equal the plain stack's."""
+    torch.manual_seed(0)
+    plain = Transformer(16, depth=4, heads=2, dropout=0.2)
+    part = Transformer(16, depth=4, heads=2, dropout=0.2, checkpoint=checkpoint)
+    part.load_state_dict(plain.state_dict())
+    assert part.recomputed == recomputed and part.checkpoint == (recomputed > 0)
+    runs = [0] * 4
+    for i, block in enumerate(part.blocks):
+        mlp_forward = block.mlp.forward
+        block.mlp.forward = lambda h, _f=mlp_forward, _i=i: runs.__setitem__(_i, runs[_i] + 1) or _f(h)  # type: ignore[method-assign]
+    x = torch.randn(3, 5, 16)
+    grads = []
+    for model in (plain, part):
+        model.train()
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert runs == [2 if i < recomputed else 1 for i in range(4)]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_checkpoint_refuses_a_negative_block_count() -> None:
+    from modalign.core import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        Transformer(16, depth=2, heads=2, checkpoint=-1)
+    assert err.value.path == "checkpoint"
+
+
+def test_recipe_checkpoint_accepts_true_and_a_count() -> None:
+    from modalign.core.config import check_component
+
+    for value, expected in ((True, True), (2, 2), ("3", 3)):
+        spec, provided = {"name": "image_vit", "checkpoint": value}, frozenset({"in_channels", "image_size"})
+        _, kwargs = check_component("encoder", spec, "model.encoders.image", provided)
+        assert kwargs["checkpoint"] == expected and type(kwargs["checkpoint"]) is type(expected)

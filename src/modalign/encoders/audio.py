@@ -93,8 +93,9 @@ class AudioTransformer(Encoder):
         heads: Attention heads (must divide ``dim``).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
-        checkpoint: Activation checkpointing: each transformer block is recomputed in the
-            backward pass instead of keeping its activations (``Transformer``).
+        checkpoint: Activation checkpointing: ``true`` recomputes every transformer block but
+            the last in the backward pass instead of keeping its activations, an integer ``k``
+            the first ``k`` blocks only (``Transformer``).
     """
 
     kind = "audio"
@@ -109,7 +110,7 @@ class AudioTransformer(Encoder):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels

@@ -99,8 +99,9 @@ class ImageViT(Encoder):
         heads: Attention heads (must divide ``dim``).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
-        checkpoint: Activation checkpointing: each transformer block is recomputed in the
-            backward pass instead of keeping its activations (``Transformer``).
+        checkpoint: Activation checkpointing: ``true`` recomputes every transformer block but
+            the last in the backward pass instead of keeping its activations, an integer ``k``
+            the first ``k`` blocks only (``Transformer``).
         pool: ``"cls"`` or ``"mean"``, what ``pooled`` is.
         pre_norm: A LayerNorm on the token sequence ([CLS] and patches, with positions) before
             the first block, as in CLIP's ViT (Radford et al. 2021, ``ln_pre``).
@@ -120,7 +121,7 @@ class ImageViT(Encoder):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         pool: Literal["cls", "mean"] = "cls",
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
         pre_norm: bool = False,
     ) -> None:
         super().__init__()

@@ -140,8 +140,9 @@ class SeriesTransformer(Encoder):
         kernel: Odd kernel length of the stem.
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
-        checkpoint: Activation checkpointing: each transformer block is recomputed in the
-            backward pass instead of keeping its activations (``Transformer``).
+        checkpoint: Activation checkpointing: ``true`` recomputes every transformer block but
+            the last in the backward pass instead of keeping its activations, an integer ``k``
+            the first ``k`` blocks only (``Transformer``).
     """
 
     kind = "series"
@@ -156,7 +157,7 @@ class SeriesTransformer(Encoder):
         kernel: int = 5,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
     ) -> None:
         super().__init__()
         if kernel % 2 == 0:

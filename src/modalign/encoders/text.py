@@ -86,8 +86,9 @@ class TextTransformer(_TextEncoder):
             first token sees only itself).
         mlp_ratio: Hidden width of the block MLP relative to ``dim``.
         dropout: Dropout in attention and MLP.
-        checkpoint: Activation checkpointing: each transformer block is recomputed in the
-            backward pass instead of keeping its activations (``Transformer``).
+        checkpoint: Activation checkpointing: ``true`` recomputes every transformer block but
+            the last in the backward pass instead of keeping its activations, an integer ``k``
+            the first ``k`` blocks only (``Transformer``).
         causal: Causal self-attention (see above).
 
     Raises:
@@ -104,7 +105,7 @@ class TextTransformer(_TextEncoder):
         pool: Literal["mean", "cls", "last"] = "mean",
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
         causal: bool = False,
     ) -> None:
         super().__init__()

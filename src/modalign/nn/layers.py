@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from modalign.core.errors import ConfigError
+
 
 def _check_padding(x: Tensor, padding: Tensor) -> None:
     if padding.dim() != 2 or padding.shape != x.shape[:2]:
@@ -235,9 +237,15 @@ class Transformer(nn.Module):
     recomputes the block in the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG
     state preserved so dropout masks repeat): activation memory of about two blocks instead of
     ``depth``, for one more forward pass of all blocks but the last (whose backward runs first,
-    so recomputing it would free nothing). Under autocast the recomputed blocks do not cache
-    their weights' low-precision casts (``_without_cast_cache``). Evaluation and ``no_grad``
-    passes are unaffected.
+    so recomputing it would free nothing). ``checkpoint=k`` (an integer) recomputes the first
+    ``k`` blocks only and keeps the activations of the others: a memory/time trade-off between
+    none and all (Megatron-LM's ``recompute_num_layers``; Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models"); ``k`` is capped at ``depth - 1``.
+    Under autocast the recomputed blocks do not cache their weights' low-precision casts
+    (``_without_cast_cache``). Evaluation and ``no_grad`` passes are unaffected.
+
+    Raises:
+        ConfigError: At ``checkpoint`` for a negative block count.
     """
 
     def __init__(
@@ -248,23 +256,42 @@ class Transformer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         causal: bool = False,
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.checkpoint = checkpoint
+        self.recomputed = recomputed_blocks(checkpoint, depth)
+
+    @property
+    def checkpoint(self) -> bool:
+        """Whether any block is recomputed in the backward pass."""
+        return self.recomputed > 0
 
     def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
         """Map ``Tensor[B, T, D]`` (with optional ``BoolTensor[B, T]`` padding) to ``[B, T, D]``."""
-        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
-        last = len(self.blocks) - 1
+        recompute = self.recomputed if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
-            if recompute and i < last:  # the last block's backward comes first: recomputing it saves nothing
+            if i < recompute:
                 x = activation_checkpoint(_without_cast_cache, block, x, padding, use_reentrant=False)
             else:
                 x = block(x, padding)
         return self.norm(x)
+
+
+def recomputed_blocks(checkpoint: bool | int, depth: int) -> int:
+    """Blocks a ``Transformer`` recomputes: all but the last (``True``), none (``False``) or ``min(k, depth - 1)``.
+
+    The last block's backward runs first, so recomputing it would free nothing.
+
+    Raises:
+        ConfigError: At ``checkpoint`` for a negative count.
+    """
+    if isinstance(checkpoint, bool):
+        return max(depth - 1, 0) if checkpoint else 0
+    if checkpoint < 0:
+        raise ConfigError("checkpoint", f"must be true, false or a block count >= 0, got {checkpoint}")
+    return min(checkpoint, max(depth - 1, 0))
 
 
 def _without_cast_cache(block: nn.Module, x: Tensor, padding: Tensor | None) -> Tensor:
