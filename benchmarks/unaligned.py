@@ -199,7 +199,11 @@ def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         return runs_mod.offsets_table(store)
     table = runs_mod.pairing_table if args.only == "pairing" else runs_mod.noise_table
     plot = unaligned_plots.plot_pairing if args.only == "pairing" else unaligned_plots.plot_noise
-    png = plot(args.datasets, store, DOC.parent / "img" / f"unaligned_{section_name(args)}.png")
+    # The figure belongs to the doc: without it (--no-doc) it is not rewritten (a sweep of one
+    # dataset would otherwise replace the figure of all of them).
+    png = DOC.parent / "img" / f"unaligned_{section_name(args)}.png"
+    if not args.no_doc:
+        plot(args.datasets, store, png)
     lines: list[str] = [runs_mod.__doc__.split("\n\n")[-1].replace("\n", " "), ""]
     verdicts: dict[str, Any] = {}
     for dataset in args.datasets:
@@ -257,10 +261,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} after."
     )
     print("\n".join([machine, "", *lines]))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged[section_name(args)] = result
-    RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
+    runs_mod.update_results(RESULTS, lambda store: store.__setitem__(section_name(args), result))
     if not args.no_doc:
         command = f"MODALIGN_DATA=../shared/data .venv/bin/python benchmarks/unaligned.py --only {args.only}"
         if args.only in ("pairing", "noise"):

@@ -19,6 +19,7 @@ av-digits (the pairs are right at the digit level; chance 0.10), held-out R@10 f
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -316,7 +317,7 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
     Raises:
         ValueError: If a run directory matches no row, or has no ``eval.json``.
     """
-    store = json.loads(results.read_text()) if results.exists() else {}
+    adopted: dict[str, Any] = {}
     for run_dir in run_dirs:
         line = (run_dir / "command.txt").read_text().splitlines()[-1]
         argv = shlex.split(line)
@@ -326,7 +327,7 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
             raise ValueError(f"{run_dir}: `{line}` matches no row")
         epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         metrics = json.loads((run_dir / "eval.json").read_text())
-        store.setdefault("runs", {})[match[0].key] = {
+        adopted[match[0].key] = {
             "command": line,
             "seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
             "adopted": str(run_dir),
@@ -335,7 +336,23 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
         }
         log(f"adopted {run_dir} as {match[0].key}")
-    results.write_text(json.dumps(store, indent=1) + "\n")
+    update_results(results, lambda store: store.setdefault("runs", {}).update(adopted))
+
+
+def update_results(results: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Apply ``change`` to the results file's JSON under an exclusive lock, then replace the file atomically.
+
+    The file is read again inside the lock, so sweeps running in other processes (or a table
+    rewrite) never drop each other's rows; the write goes to a temporary file first.
+    """
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_name(results.name + ".lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        store = json.loads(results.read_text()) if results.exists() else {}
+        change(store)
+        tmp = results.with_name(results.name + ".tmp")
+        tmp.write_text(json.dumps(store, indent=1) + "\n")
+        os.replace(tmp, results)
 
 
 def shell(argv: list[str]) -> str:
@@ -396,9 +413,7 @@ def run_rows(
             log(f"start {row.key}")
             result = run_row(row, runs, threads)
         with lock:
-            current = json.loads(results.read_text()) if results.exists() else {}
-            current.setdefault("runs", {})[row.key] = result
-            results.write_text(json.dumps(current, indent=1) + "\n")
+            update_results(results, lambda store: store.setdefault("runs", {}).__setitem__(row.key, result))
         log(f"done {row.key} in {result['seconds']:.0f} s: {figure(row, result)}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
