@@ -38,6 +38,14 @@ METHODS = {
     },
     "barlow": {"name": "barlow", "modalities": ["audio", "text"]},
     "dcl": {"name": "dcl", "modalities": ["image", "text"]},
+    # Feature-neighbour positives read the encoders' pooled features from the merged chunk outputs.
+    "infonce+neighbours": {
+        "name": "composite",
+        "objectives": [
+            {"name": "infonce", "modalities": ["image", "text"]},
+            {"name": "unimodal_infonce", "modalities": ["image", "audio"], "neighbours": 2, "dim": 4},
+        ],
+    },
 }
 
 

@@ -136,18 +136,18 @@ def unimodal_infonce_loss(z: Tensor, content: Tensor, logit_scale: Tensor) -> Te
     return positive_infonce_loss(z, view_positives(content.to(z.device)), logit_scale)
 
 
-def view_top1(z: Tensor, content: Tensor) -> tuple[int, float]:
+def view_top1(z: Tensor, views: Tensor) -> tuple[int, float]:
     """Anchors and the fraction of them whose most similar other row is one of their views.
 
     Args:
         z: ``Tensor[N, E]`` embeddings.
-        content: ``LongTensor[N]`` content ids.
+        views: ``BoolTensor[N, N]`` the other views of each row (``view_positives`` of its content ids).
 
     Returns:
         ``(anchors, top1)``; ``top1`` is ``0.0`` without anchors.
     """
     with torch.no_grad():
-        positive = view_positives(content.to(z.device))
+        positive = views.to(z.device)
         anchors = positive.any(dim=1)
         count = int(anchors.sum())
         if count == 0:
@@ -269,13 +269,13 @@ class UnimodalInfoNCE(Objective):
             z = self.heads[modality](z)
         return F.normalize(z, dim=-1), content
 
-    def positives(self, outputs: Outputs, batch: Batch, modality: str, content: Tensor) -> Tensor:
-        """``BoolTensor[N_m, N_m]``: the other views of each observed row, plus its feature neighbours.
+    def positives(self, outputs: Outputs, batch: Batch, modality: str, content: Tensor, views: Tensor) -> Tensor:
+        """``BoolTensor[N_m, N_m]``: the other views of each observed row (``views``), plus its feature neighbours.
 
         Raises:
             ValueError: If ``neighbours > 0`` and the outputs hold no pooled features of ``modality``.
         """
-        positive = view_positives(content)
+        positive = views
         if self.neighbours == 0:
             return positive
         if modality not in outputs.pooled:
@@ -301,12 +301,13 @@ class UnimodalInfoNCE(Objective):
             if views is None:
                 continue
             z, content = views
-            count, top1 = view_top1(z.detach(), content)
+            same = view_positives(content)
+            count, top1 = view_top1(z.detach(), same)
             metrics[f"anchors/{m}"] = float(count)
             if count > 0:
                 metrics[f"top1/{m}"] = top1
                 anchors, hits = anchors + count, hits + top1 * count
-            positive = self.positives(outputs, batch, m, content)
+            positive = self.positives(outputs, batch, m, content, same)
             if bool(positive.any()):  # views and neighbours never include the row itself
                 parts[m] = positive_infonce_loss(z, positive, scale)
         metrics["anchors"] = float(anchors)
