@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from modalign.objectives.clustering import swapped_prediction_loss
+from modalign.objectives.clustering import pooled_swapped_prediction_loss, swapped_prediction_loss
 
 
 def scores(n: int, k: int, seed: int) -> Tensor:
@@ -139,3 +139,83 @@ def test_gather_without_process_group_is_local_and_dtype_is_kept() -> None:
 def test_bad_inputs_raise(sa: Tensor, sb: Tensor, kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         swapped_prediction_loss(sa, sb, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapped prediction over paired rows and unimodal views (mix-paired SwAV + SeLaVi).
+
+
+def pooled_loop_loss(
+    sa: Tensor, sb: Tensor, positives: tuple[Tensor, Tensor, Tensor], t: float, eps: float, iterations: int
+) -> Tensor:
+    """Row by row: the target is the mean of the positives' NumPy codes; the loss the mean CE over anchors."""
+    qa = torch.from_numpy(numpy_codes(sa.detach().numpy(), eps, iterations))
+    qb = torch.from_numpy(numpy_codes(sb.detach().numpy(), eps, iterations))
+    views_a, views_b, pairs = positives
+    total, anchors = torch.zeros((), dtype=sa.dtype), 0
+    for s, q_own, q_other, views, cross in ((sa, qa, qb, views_a, pairs), (sb, qb, qa, views_b, pairs.T)):
+        for i in range(s.shape[0]):
+            codes = [q_own[p] for p in range(s.shape[0]) if p != i and bool(views[i, p])]
+            codes += [q_other[p] for p in range(q_other.shape[0]) if bool(cross[i, p])]
+            if not codes:
+                continue
+            target = sum(codes) / len(codes)
+            log_z = torch.log(sum(torch.exp(s[i, j] / t) for j in range(s.shape[1])))
+            total = total - sum(target[j] * (s[i, j] / t - log_z) for j in range(s.shape[1]))
+            anchors += 1
+    return total / anchors
+
+
+def mixed_positives(content_a: list[int], content_b: list[int], pairs: list[tuple[int, int]]) -> tuple[Tensor, ...]:
+    ca, cb = torch.tensor(content_a), torch.tensor(content_b)
+    cross = torch.zeros(len(content_a), len(content_b), dtype=torch.bool)
+    for i, j in pairs:
+        cross[i, j] = True
+    return ca[:, None] == ca[None, :], cb[:, None] == cb[None, :], cross
+
+
+def test_pooled_loss_without_views_is_the_cross_modal_swapped_prediction() -> None:
+    sa, sb = scores(7, 4, 10), scores(7, 4, 11)
+    positives = mixed_positives(list(range(7)), list(range(7)), [(i, i) for i in range(7)])
+    torch.testing.assert_close(pooled_swapped_prediction_loss((sa, sb), positives), swapped_prediction_loss(sa, sb))
+
+
+@pytest.mark.parametrize(("t", "eps", "iterations"), [(0.1, 0.05, 3), (0.5, 0.1, 1), (0.2, 0.03, 7)])
+def test_pooled_loss_value_and_gradient_match_the_row_by_row_reference(t: float, eps: float, iterations: int) -> None:
+    """Rows of a: 2 pairs, a unimodal sample read 3 times, one read twice, one alone; b differs."""
+    positives = mixed_positives([0, 1, 5, 5, 5, 6, 6, 7], [0, 1, 8, 8, 9, 9, 3], [(0, 0), (1, 1)])
+    sa, sb = scores(8, 5, 20).requires_grad_(), scores(7, 5, 21).requires_grad_()
+    loss = pooled_swapped_prediction_loss((sa, sb), positives, t, eps, iterations)
+    ref = pooled_loop_loss(sa, sb, positives, t, eps, iterations)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    got = torch.autograd.grad(loss, (sa, sb))
+    want = torch.autograd.grad(ref, (sa, sb))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert got[0][7].abs().sum() == 0  # a row without positives gets no gradient...
+    assert got[0][:7].abs().sum(dim=1).min() > 0  # ...every other row does
+
+
+def test_pooled_loss_pulls_views_onto_one_prototype() -> None:
+    """Views that agree on a prototype score lower than views that disagree."""
+    k = 4
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), k).double()
+    positives = mixed_positives([0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 2, 2, 3, 3], [])
+    agree = pooled_swapped_prediction_loss((onehot, onehot.clone()), positives, 0.1)
+    swapped = onehot[torch.tensor([0, 1, 2, 4, 3, 5, 6, 7])]
+    disagree = pooled_swapped_prediction_loss((swapped, onehot.clone()), positives, 0.1)
+    assert agree.item() < disagree.item()
+
+
+def test_pooled_loss_without_positives_is_a_connected_zero_and_shapes_are_checked() -> None:
+    sa, sb = scores(3, 4, 1).requires_grad_(), scores(2, 4, 2).requires_grad_()
+    loss = pooled_swapped_prediction_loss((sa, sb), mixed_positives([0, 1, 2], [3, 4], []))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert sa.grad is not None and sa.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="positives must be"):
+        pooled_swapped_prediction_loss((sa, sb), mixed_positives([0, 1], [3, 4], []))
+    with pytest.raises(ValueError, match="score matrices"):
+        pooled_swapped_prediction_loss((sa, scores(2, 3, 2)), mixed_positives([0, 1, 2], [3, 4], []))
+    with pytest.raises(ValueError, match="temperature"):
+        pooled_swapped_prediction_loss((sa, sb), mixed_positives([0, 1, 2], [3, 4], [(0, 0)]), temperature=0.0)

@@ -26,6 +26,7 @@ from modalign.objectives.clustering import (
     MCNCluster,
     SeLaVi,
     centroid_contrastive_loss,
+    pooled_swapped_prediction_loss,
     swapped_prediction_loss,
     xdc_loss,
 )
@@ -552,3 +553,50 @@ def test_av_digits_xdc_recipe_reports_its_own_clusters(data_root: Path, tmp_path
         # benchmark's bar (>= 0.80 after the full recipe).
         assert metrics[f"xdc/{m}/nmi"] > 0.1 and metrics[f"xdc/{m}/ari"] > 0.01, metrics
         assert metrics[f"{m}/nmi"] > 0.3 and metrics[f"{m}/linear_probe"] > 0.6, metrics
+
+
+def mixed_batch(seed: int = 0) -> Batch:
+    """Rows 0-3 paired; rows 4-7 ``x`` only (two samples, two views each); rows 8-11 ``y`` only (likewise)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([0, 1, 2, 3, 10, 10, 11, 11, 20, 20, 21, 21])
+    return Batch(
+        data={"x": torch.randn(12, 6, generator=g), "y": torch.randn(12, 5, generator=g)},
+        present={"x": torch.arange(12) < 8, "y": (torch.arange(12) < 4) | (torch.arange(12) >= 8)},
+        ids=ids,
+    )
+
+
+def test_selavi_views_predicts_partners_and_other_views_on_the_shared_prototypes() -> None:
+    method = make_method(
+        {"name": "selavi", "prototypes": 5, "temperature": 0.2, "views": True, "init_prototypes": False}
+    )
+    sel = method.objectives["selavi"]
+    assert isinstance(sel, SeLaVi) and sel.views
+    batch = mixed_batch()
+    outputs = method(batch)
+    out = method.loss(outputs, batch)
+    c = F.normalize(sel.prototypes.detach(), dim=1)
+    rx, ry = batch.present["x"], batch.present["y"]
+    sx, sy = outputs.embeddings["x"][rx] @ c.T, outputs.embeddings["y"][ry] @ c.T
+    ix, iy = rx.nonzero().squeeze(1), ry.nonzero().squeeze(1)
+    positives = (
+        batch.ids[ix][:, None] == batch.ids[ix][None, :],
+        batch.ids[iy][:, None] == batch.ids[iy][None, :],
+        ix[:, None] == iy[None, :],
+    )
+    assert int(positives[2].sum()) == 4
+    torch.testing.assert_close(out.loss, pooled_swapped_prediction_loss((sx, sy), positives, 0.2))
+    assert out.metrics["selavi/paired"] == 4.0 and out.metrics["selavi/viewed"] == 8.0
+    # Without views only the four pairs count: the loss of the plain objective on the same rows.
+    plain = make_method({"name": "selavi", "prototypes": 5, "temperature": 0.2, "init_prototypes": False})
+    plain.load_state_dict(method.state_dict())
+    keep = rx & ry
+    want = swapped_prediction_loss(outputs.embeddings["x"][keep] @ c.T, outputs.embeddings["y"][keep] @ c.T, 0.2)
+    torch.testing.assert_close(plain.loss(plain(batch), batch).loss, want)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.model.encoders.parameters())
+
+
+def test_selavi_views_is_refused_with_gather() -> None:
+    with pytest.raises(ConfigError, match="views"):
+        make_method({"name": "selavi", "views": True, "gather": True})

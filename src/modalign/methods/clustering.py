@@ -77,6 +77,7 @@ def selavi(
     contrastive_weight: float = 0.0,
     contrastive_temperature: float = 0.1,
     gather: bool = False,
+    views: bool = False,
 ) -> list[dict[str, Any]]:
     """SeLaVi: cross-modal swapped prediction of Sinkhorn-balanced codes on shared prototypes.
 
@@ -94,10 +95,12 @@ def selavi(
         contrastive_weight: Weight of an added InfoNCE term (0: pure SeLaVi, as in the paper).
         contrastive_temperature: Initial temperature of that InfoNCE term.
         gather: Balance codes over all ranks under data parallelism.
+        views: Also predict across the views of unimodal samples (mix-paired: SwAV on the pools).
     """
     args = _drop_none(modalities=modalities)
     entry = {
         "name": "selavi",
+        "views": views,
         "prototypes": prototypes,
         "temperature": temperature,
         "epsilon": epsilon,

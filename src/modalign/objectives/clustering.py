@@ -103,6 +103,84 @@ def swapped_prediction_loss(
     return (ce_ab + ce_ba) * (weight / (2.0 * n_total))
 
 
+def pooled_swapped_prediction_loss(
+    scores: tuple[Tensor, Tensor],
+    positives: tuple[Tensor, Tensor, Tensor],
+    temperature: float = 0.1,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+) -> Tensor:
+    """Swapped prediction over the paired rows *and* the unimodal views of a mix-paired batch.
+
+    SwAV (Caron et al. 2020) predicts the code of one augmented view from another view of the
+    same image; SeLaVi (Asano et al. 2020) predicts one modality's code from the other
+    modality's. With a small paired set and large unimodal pools both apply in one batch with
+    one set of shared prototypes: a paired row predicts its partner's code (across modalities),
+    a view of a unimodal sample predicts the codes of its other views (within its modality). The
+    pools are thus clustered on the prototypes the pairs tie across modalities, which is what
+    carries a few pairs' alignment over to every unpaired sample of a cluster.
+
+    Codes ``q_a = balanced_assignments(scores_a)`` and ``q_b`` are balanced over *all* rows of
+    each modality (paired and unimodal) and carry no gradient. A row ``i`` of modality a with
+    positives ``P(i)`` (rows of a in ``positives[0][i]``, rows of b in ``positives[2][i]``)
+    has the target ``t_i = mean_{p in P(i)} q[p]`` and the loss
+    ``CE(t_i, softmax(scores_a[i] / temperature))``; rows of b likewise with ``positives[1]``
+    and the transpose of ``positives[2]``. The loss is the mean over the rows of both
+    modalities with at least one positive. With ``positives = (no views, no views, identity)``
+    it equals ``swapped_prediction_loss(scores_a, scores_b)``.
+
+    Args:
+        scores: ``(Tensor[Na, K], Tensor[Nb, K])`` scores of each modality's observed rows
+            against the ``K`` shared prototypes.
+        positives: ``(BoolTensor[Na, Na], BoolTensor[Nb, Nb], BoolTensor[Na, Nb])``: views
+            within a (diagonal ignored), views within b, and pairs (row of a, row of b).
+        temperature: Softmax temperature of the predictions.
+        epsilon: Entropic regularisation of the codes.
+        iterations: Sinkhorn iterations of the codes.
+
+    Returns:
+        Scalar loss tensor; a zero connected to both score matrices when no row has a positive.
+
+    Raises:
+        ValueError: If the shapes disagree or ``temperature <= 0``.
+    """
+    scores_a, scores_b = scores
+    views_a, views_b, pairs = positives
+    na, nb = scores_a.shape[0], scores_b.shape[0]
+    if scores_a.dim() != 2 or scores_b.dim() != 2 or scores_a.shape[1] != scores_b.shape[1] or scores_a.shape[1] == 0:
+        raise ValueError(
+            "expected score matrices [Na, K] and [Nb, K] with K >= 1, "
+            f"got {tuple(scores_a.shape)} and {tuple(scores_b.shape)}"
+        )
+    if views_a.shape != (na, na) or views_b.shape != (nb, nb) or pairs.shape != (na, nb):
+        raise ValueError(
+            f"positives must be [{na}, {na}], [{nb}, {nb}] and [{na}, {nb}], got "
+            f"{tuple(views_a.shape)}, {tuple(views_b.shape)} and {tuple(pairs.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    zero = 0.0 * (scores_a.sum() + scores_b.sum())
+    if na == 0 or nb == 0:
+        return zero
+    q_a = balanced_assignments(scores_a, epsilon, iterations).to(scores_a.dtype)
+    q_b = balanced_assignments(scores_b, epsilon, iterations).to(scores_b.dtype)
+    total, anchors = zero, 0
+    for own, q_own, q_other, views, cross in (
+        (scores_a, q_a, q_b, views_a, pairs),
+        (scores_b, q_b, q_a, views_b, pairs.T),
+    ):
+        eye = torch.eye(own.shape[0], dtype=torch.bool, device=own.device)
+        weights = torch.cat([views.to(own.device) & ~eye, cross.to(own.device)], dim=1).to(own.dtype)
+        count = weights.sum(dim=1)
+        keep = count > 0
+        if not bool(keep.any()):
+            continue
+        targets = weights[keep] @ torch.cat([q_own, q_other]) / count[keep, None]
+        total = total - (targets * F.log_softmax(own[keep] / temperature, dim=1)).sum()
+        anchors += int(keep.sum())
+    return total / anchors if anchors else zero
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain functions: the XDC and MCN losses.
 
@@ -385,6 +463,12 @@ class SeLaVi(PairObjective):
     freezes them for the first epoch); the step count is a buffer, so it survives a resume.
     SeLaVi trains several clustering heads with different ``K``; this is one head.
 
+    With ``views: true`` (mix-paired training: a few pairs plus unimodal pools read as several
+    augmented views per sample, ``data.unimodal_views``) the loss is
+    ``pooled_swapped_prediction_loss``: paired rows predict their partner's code and every view
+    of a unimodal sample predicts its other views' codes, all on the same prototypes, with the
+    codes balanced over every observed row of a modality. Not combined with ``gather``.
+
     Prototype initialisation (``init_prototypes``, a departure from SwAV's random ones): at the
     first epoch start the training split is embedded and the prototypes are set to the
     spherical k-means centroids (seeded by ``seed``) of the samples' joint embeddings (mean of
@@ -404,9 +488,11 @@ class SeLaVi(PairObjective):
             epoch start.
         seed: Seed of that k-means.
         gather: Balance the codes over the global batch of all ranks.
+        views: Also predict across the views of unimodal samples (SwAV within each pool).
 
     Raises:
-        ConfigError: If ``prototypes < 2`` or a positive argument is not.
+        ConfigError: If ``prototypes < 2``, a positive argument is not, or ``views`` is
+            combined with ``gather``.
     """
 
     steps: Tensor
@@ -423,10 +509,14 @@ class SeLaVi(PairObjective):
         init_prototypes: bool = True,
         seed: int = 0,
         gather: bool = False,
+        views: bool = False,
     ) -> None:
         super().__init__(modalities, "selavi")
         if prototypes < 2:
             raise ConfigError("prototypes", f"must be >= 2, got {prototypes}")
+        if views and gather:
+            raise ConfigError("views", "swapped prediction over unimodal views is per rank: not with gather: true")
+        self.views = views
         _check_positive(temperature=temperature, epsilon=epsilon, iterations=iterations)
         self.n_prototypes, self.temperature, self.epsilon = prototypes, temperature, epsilon
         self.iterations, self.freeze_steps, self.gather = iterations, freeze_steps, gather
@@ -465,6 +555,8 @@ class SeLaVi(PairObjective):
 
     def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
         """Swapped prediction on the paired rows; metrics ``agreement`` (same argmax) and ``used``."""
+        if self.views:
+            return self.pooled_forward(outputs, batch)
         distributed = self.gather and is_initialized()
         pair = self.pair(outputs, batch)
         if pair is None and distributed:
@@ -478,6 +570,36 @@ class SeLaVi(PairObjective):
             top_a, top_b = scores_a.argmax(dim=1), scores_b.argmax(dim=1)
             metrics["agreement"] = float((top_a == top_b).float().mean())
             metrics["used"] = float(torch.cat([top_a, top_b]).unique().numel())
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def pooled_forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """``views: true``: ``pooled_swapped_prediction_loss`` over every observed row of both modalities.
+
+        Metrics: ``paired`` rows, ``viewed`` rows (unimodal rows with another view in the batch),
+        ``agreement`` of the paired rows' top prototypes and ``used`` prototypes.
+        """
+        a, b = self.modalities
+        if a not in outputs.embeddings or b not in outputs.embeddings:
+            return LossOutput(loss=outputs.zero(self.prototypes))
+        device = outputs.embeddings[a].device
+        rows = {m: batch.rows(m).to(device).nonzero().squeeze(1) for m in (a, b)}
+        scores = {m: self.scores(outputs.embeddings[m][rows[m]]) for m in (a, b)}
+        views = {}
+        for m in (a, b):
+            content = batch.ids_of(m).to(device)[rows[m]]
+            views[m] = content[:, None] == content[None, :]
+        pairs = rows[a][:, None] == rows[b][None, :]
+        loss = pooled_swapped_prediction_loss(
+            (scores[a], scores[b]), (views[a], views[b], pairs), self.temperature, self.epsilon, self.iterations
+        )
+        viewed = sum(int((v.sum(dim=1) > 1).sum()) for v in views.values())
+        metrics = {"paired": float(pairs.sum()), "viewed": float(viewed)}
+        with torch.no_grad():
+            top = {m: scores[m].argmax(dim=1) for m in (a, b)}
+            ia, ib = pairs.nonzero(as_tuple=True)
+            if ia.numel() > 0:
+                metrics["agreement"] = float((top[a][ia] == top[b][ib]).float().mean())
+            metrics["used"] = float(torch.cat([top[a], top[b]]).unique().numel())
         return LossOutput(loss=loss, metrics=metrics)
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
