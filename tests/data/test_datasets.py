@@ -158,6 +158,24 @@ def test_av_augmentation_is_seeded(av_train: AVDigits) -> None:
     assert not torch.allclose(a.values["image"], c.values["image"])
 
 
+def test_av_image_augmentation_strength_is_configurable(data_root: Path) -> None:
+    """No shift, rotation or zoom leaves the images as they are; a larger range moves them further."""
+    plain = AVDigits(root=data_root, split="train", seed=0, augment=False)
+    still = AVDigits(root=data_root, split="train", seed=0, max_shift=0.0, max_rotate=0.0, zoom=[1.0, 1.0])
+    strong = AVDigits(root=data_root, split="train", seed=0, max_shift=0.2, max_rotate=30.0, zoom=[0.7, 1.3])
+    default = AVDigits(root=data_root, split="train", seed=0)
+    for i in range(5):
+        torch.testing.assert_close(still[i].values["image"], plain[i].values["image"], atol=1e-5, rtol=0)
+
+    def moved(ds: AVDigits) -> float:
+        torch.manual_seed(3)
+        return sum(float((ds[i].values["image"] - plain[i].values["image"]).abs().mean()) for i in range(40))
+
+    assert moved(strong) > 1.3 * moved(default) > 0
+    with pytest.raises(ConfigError, match="zoom"):
+        AVDigits(root=data_root, split="train", zoom=[0.9])
+
+
 def test_av_collate_pads_audio(av_test: AVDigits) -> None:
     samples = [av_test[i] for i in range(6)]
     batch = collate(samples, av_test.modalities)

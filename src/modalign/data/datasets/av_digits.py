@@ -156,6 +156,9 @@ class AVDigits(MultimodalDataset):
         test_size: Test split only: keep a seeded class-stratified subset of this many images
             (``None``: all 10 000).
         repair_each_epoch: Train split only: re-draw the pairing in ``set_epoch``.
+        max_shift: Image augmentation: largest translation, a fraction of the side.
+        max_rotate: Image augmentation: largest rotation in degrees.
+        zoom: Image augmentation: range ``[low, high]`` of the zoom factor.
 
     Labels (evaluation only): ``digit`` and ``speaker`` (index in the sorted speaker names).
     """
@@ -173,6 +176,9 @@ class AVDigits(MultimodalDataset):
         max_seconds: float = 1.0,
         test_size: int | None = None,
         repair_each_epoch: bool = True,
+        max_shift: float = 0.1,
+        max_rotate: float = 10.0,
+        zoom: tuple[float, float] | list[float] = (0.9, 1.1),
     ) -> None:
         check_split(NAME, split)
         files = [TRAIN_IMAGES] if split == "train" else [TEST_IMAGES, TEST_LABELS]
@@ -181,7 +187,16 @@ class AVDigits(MultimodalDataset):
         self.seed = seed
         self.augment = split == "train" if augment is None else augment
         self.repair_each_epoch = repair_each_epoch
-        self.image_tf = ImageTransform(image_size, 1, augment=self.augment)
+        if len(zoom) != 2:
+            raise ConfigError("data.zoom", f"must be [low, high], got {list(zoom)}")
+        self.image_tf = ImageTransform(
+            image_size,
+            1,
+            augment=self.augment,
+            max_shift=max_shift,
+            max_rotate=max_rotate,
+            scale=(float(zoom[0]), float(zoom[1])),
+        )
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, augment=self.augment)
         images, self._digits = self._load_images(base, test_size)
         self._raw_images = images
