@@ -35,10 +35,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Per dataset: packaged recipe, the two modalities, the recipe's temperature, the metric pair.
+#: Per dataset: packaged recipe, its epochs, the two modalities, the recipe's temperature, the metric pair.
 DATASETS: dict[str, dict[str, Any]] = {
     "av-digits": {
         "recipe": "av-digits-clip",
+        "epochs": 15,
         "modalities": ["image", "audio"],
         "temperature": 0.1,
         "keys": ["image->audio/p@1", "audio->image/p@1"],
@@ -48,6 +49,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
     "emoji": {
         "recipe": "emoji-clip",
+        "epochs": 30,
         "modalities": ["image", "text"],
         "temperature": 0.07,
         "keys": ["image->text/R@10", "text->image/R@10"],
@@ -111,6 +113,12 @@ def _pseudo(d: dict[str, Any], extra: str) -> str:
     return f"{{name: pseudo_pairs, modalities: [{', '.join(d['modalities'])}], {extra}}}"
 
 
+def _swav(d: dict[str, Any]) -> str:
+    """InfoNCE on the pairs plus ``selavi`` with ``views: true`` (SwAV on the pools, 10 shared prototypes)."""
+    m = ", ".join(d["modalities"])
+    return _objectives(_infonce(d), f"{{name: selavi, modalities: [{m}], prototypes: 10, views: true, weight: 1.0}}")
+
+
 PAIRING_METHODS: tuple[Method, ...] = (
     Method("plain contrastive", lambda d: []),
     Method("plain contrastive, pairs in every batch", lambda d: [], cycled=True),
@@ -157,6 +165,35 @@ PAIRING_METHODS: tuple[Method, ...] = (
         ],
         cycled=True,
         mixed=True,
+    ),
+    Method(
+        "mix-paired: + SwAV on the pools, prototypes shared with the pairs (2 views, K 10)",
+        lambda d: ["data.unimodal_views=2", _swav(d)],
+        cycled=True,
+        mixed=True,
+    ),
+    # Two views of every unimodal sample double the rows, hence the steps, of an epoch: the
+    # cycled pairs alone at twice the epochs are the control at the 2-view rows' step count.
+    Method(
+        "plain contrastive, pairs in every batch (twice the epochs: the steps of the 2-view rows)",
+        lambda d: [f"train.epochs={2 * d['epochs']}"],
+        cycled=True,
+        only=SWEPT,
+    ),
+    # SwAV is known to need long schedules (Caron et al. 2020 train for hundreds of epochs): the
+    # same row at twice the epochs, and its control at the same number of steps.
+    Method(
+        "mix-paired: + SwAV on the pools, prototypes shared with the pairs (2 views, K 10; twice the epochs)",
+        lambda d: ["data.unimodal_views=2", f"train.epochs={2 * d['epochs']}", _swav(d)],
+        cycled=True,
+        mixed=True,
+        only=("av-digits",),
+    ),
+    Method(
+        "plain contrastive, pairs in every batch (four times the epochs: the steps of the row above)",
+        lambda d: [f"train.epochs={4 * d['epochs']}"],
+        cycled=True,
+        only=("av-digits",),
     ),
     # The stitched towers train in seconds per epoch from cached features, and a larger batch gives
     # the in-batch neighbours a larger pool (the frozen image features' 1-NN is of the same digit
