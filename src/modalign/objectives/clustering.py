@@ -44,6 +44,7 @@ from modalign.objectives.cluster_tables import (
 )
 from modalign.objectives.contrastive import Pair, PairObjective, check_known, model_modalities
 from modalign.objectives.swapped import pooled_swapped_prediction_loss, swapped_prediction_loss
+from modalign.objectives.unimodal import view_positives
 
 # ---------------------------------------------------------------------------------------------
 # Plain functions: the XDC and MCN losses.
@@ -448,15 +449,12 @@ class SeLaVi(PairObjective):
         device = outputs.embeddings[a].device
         rows = {m: batch.rows(m).to(device).nonzero().squeeze(1) for m in (a, b)}
         scores = {m: self.scores(outputs.embeddings[m][rows[m]]) for m in (a, b)}
-        views = {}
-        for m in (a, b):
-            content = batch.ids_of(m).to(device)[rows[m]]
-            views[m] = content[:, None] == content[None, :]
+        views = {m: view_positives(batch.ids_of(m).to(device)[rows[m]]) for m in (a, b)}
         pairs = rows[a][:, None] == rows[b][None, :]
         loss = pooled_swapped_prediction_loss(
             (scores[a], scores[b]), (views[a], views[b], pairs), self.temperature, self.epsilon, self.iterations
         )
-        viewed = sum(int((v.sum(dim=1) > 1).sum()) for v in views.values())
+        viewed = sum(int(v.any(dim=1).sum()) for v in views.values())
         metrics = {"paired": float(pairs.sum()), "viewed": float(viewed)}
         with torch.no_grad():
             top = {m: scores[m].argmax(dim=1) for m in (a, b)}

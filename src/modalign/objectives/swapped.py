@@ -127,21 +127,32 @@ def pooled_swapped_prediction_loss(
         return zero
     q_a = balanced_assignments(scores_a, epsilon, iterations).to(scores_a.dtype)
     q_b = balanced_assignments(scores_b, epsilon, iterations).to(scores_b.dtype)
-    total, anchors = zero, 0
-    for own, q_own, q_other, views, cross in (
-        (scores_a, q_a, q_b, views_a, pairs),
-        (scores_b, q_b, q_a, views_b, pairs.T),
-    ):
-        eye = torch.eye(own.shape[0], dtype=torch.bool, device=own.device)
-        weights = torch.cat([views.to(own.device) & ~eye, cross.to(own.device)], dim=1).to(own.dtype)
-        count = weights.sum(dim=1)
-        keep = count > 0
-        if not bool(keep.any()):
-            continue
-        targets = weights[keep] @ torch.cat([q_own, q_other]) / count[keep, None]
-        total = total - (targets * F.log_softmax(own[keep] / temperature, dim=1)).sum()
-        anchors += int(keep.sum())
-    return total / anchors if anchors else zero
+    total_a, anchors_a = _predict_positives(scores_a, torch.cat([q_a, q_b]), views_a, pairs, temperature)
+    total_b, anchors_b = _predict_positives(scores_b, torch.cat([q_b, q_a]), views_b, pairs.T, temperature)
+    anchors = anchors_a + anchors_b
+    return (total_a + total_b) / anchors if anchors else zero
+
+
+def _predict_positives(
+    own: Tensor, codes: Tensor, views: Tensor, cross: Tensor, temperature: float
+) -> tuple[Tensor, int]:
+    """Summed CE of one modality's rows against their positives' mean code, and the number of such rows.
+
+    Args:
+        own: ``Tensor[N, K]`` scores of this modality's rows.
+        codes: ``Tensor[N + M, K]`` codes of this modality's rows, then of the other's.
+        views: ``BoolTensor[N, N]`` views within the modality (diagonal ignored).
+        cross: ``BoolTensor[N, M]`` partners in the other modality.
+        temperature: Softmax temperature of the predictions.
+    """
+    eye = torch.eye(own.shape[0], dtype=torch.bool, device=own.device)
+    weights = torch.cat([views.to(own.device) & ~eye, cross.to(own.device)], dim=1).to(own.dtype)
+    count = weights.sum(dim=1)
+    keep = count > 0
+    if not bool(keep.any()):
+        return 0.0 * own.sum(), 0
+    targets = weights[keep] @ codes / count[keep, None]
+    return -(targets * F.log_softmax(own[keep] / temperature, dim=1)).sum(), int(keep.sum())
 
 
 def _check_pooled(scores: tuple[Tensor, Tensor], positives: tuple[Tensor, Tensor, Tensor], temperature: float) -> None:
