@@ -251,6 +251,16 @@ NOISE_METHODS: tuple[Method, ...] = (
             )
         ],
     ),
+    # L2RM-style re-pairing: the suspects' images and captions matched to each other (assignment).
+    Method(
+        "NCR InfoNCE + re-pairing of the suspects (rematch 0.25)",
+        lambda d: [
+            _objectives(
+                f"{{name: ncr_rematch, modalities: [{', '.join(d['modalities'])}], "
+                f"temperature: {d['temperature']}, warmup_epochs: 5, rematch: 0.25}}"
+            )
+        ],
+    ),
 )
 
 

@@ -21,6 +21,7 @@ from modalign.objectives.multiview import MultiView, multiview_pairs
 from modalign.objectives.noisy_pairs import NCRInfoNCE, split_pair_losses
 from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
 from modalign.objectives.pseudo_pairs import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
+from modalign.objectives.rematch import NCRRematch
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
 from modalign.objectives.token_alignment import (
     FILIP,
@@ -61,6 +62,7 @@ __all__ = [
     "MultiMAE",
     "MultiView",
     "NCRInfoNCE",
+    "NCRRematch",
     "OTTokens",
     "PseudoPairs",
     "SeLaVi",

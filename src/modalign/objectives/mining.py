@@ -16,6 +16,8 @@
   known pairs voting, repairs such whole-class swaps (the cluster-then-match idea of
   cross-modal deep clustering, Alwassel et al. 2020, "Self-Supervised Learning by Cross-Modal
   Audio-Video Clustering" (XDC), NeurIPS; and of semi-supervised alignment from few anchors).
+* ``mine_assignment``: the one-to-one matching of the pools maximising their summed cosine (the
+  Hungarian algorithm), kept above a cosine; ``ncr_rematch`` re-pairs suspected-noisy pairs with it.
 * ``neighbourhood_means`` (kNN consensus smoothing) and ``most_confident`` (a cap on the pairs).
 
 Memory: ``mnn`` and ``neighbourhood_means`` work in row blocks; ``ot`` builds the dense
@@ -129,6 +131,33 @@ def mine_ot(a: Tensor, b: Tensor, threshold: float = 0.5, epsilon: float = 0.02,
     j = plan.argmax(dim=1)
     pairs = MinedPairs(i, j, mass[i, j].to(a.dtype))
     return pairs.where((plan.argmax(dim=0)[j] == i) & (pairs.confidence >= threshold))
+
+
+@torch.no_grad()
+def mine_assignment(a: Tensor, b: Tensor, threshold: float = -1.0) -> MinedPairs:
+    """The one-to-one matching of two pools maximising their summed cosine, kept above a cosine.
+
+    A linear assignment (Hungarian; Kuhn 1955, ``scipy.optimize.linear_sum_assignment``) pairs
+    ``min(N, M)`` rows; unlike ``mnn`` it pairs every row of the smaller pool, and the global
+    one-to-one constraint resolves rows whose nearest neighbours collide (the zero-entropy limit
+    of ``ot``). Memory and time: a dense ``N x M`` cosine matrix, cubic assignment.
+
+    Args:
+        a: ``Tensor[N, E]`` first pool (compared by cosine).
+        b: ``Tensor[M, E]`` second pool.
+        threshold: Minimum cosine of a kept pair, in ``[-1, 1]``.
+
+    Returns:
+        The assigned pairs whose cosine is at least ``threshold``, by increasing ``i``; confidence = cosine.
+
+    Raises:
+        ValueError: If the pools are not ``[N, E]`` and ``[M, E]``.
+    """
+    _check_pools(a, b)
+    rows = torch.arange(a.shape[0], device=a.device)
+    cols = torch.arange(b.shape[0], device=a.device)
+    pairs = _assign_within(F.normalize(a, dim=1), F.normalize(b, dim=1), rows, cols)
+    return pairs.where(pairs.confidence >= threshold)
 
 
 @torch.no_grad()

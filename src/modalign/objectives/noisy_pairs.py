@@ -185,17 +185,26 @@ class NCRInfoNCE(PairObjective):
         a, b = self.modalities
         rows = embed_training_split(model, ctx.batches(), self.modalities, self.embed_dim, self.gather)
         paired = rows.present[a] & rows.present[b]
-        ids_a, ids_b = rows.content[a][paired], rows.content[b][paired]
+        ids = rows.content[a][paired], rows.content[b][paired]
+        embeddings = rows.embeddings[a][paired], rows.embeddings[b][paired]
+        weights = self.fit_weights(*embeddings, *ids)
+        self.set_table(*ids, weights, ctx.epoch)
+        self.after_fit(embeddings, ids, weights, ctx.epoch)
+
+    def fit_weights(self, a: Tensor, b: Tensor, ids_a: Tensor, ids_b: Tensor) -> Tensor:
+        """``Tensor[P]`` weights of the split's pairs ``a [P, E]``, ``b [P, E]`` (all 1 under two pairs)."""
         if ids_a.numel() < 2:
-            self.set_table(ids_a, ids_b, torch.ones(ids_a.shape[0]), ctx.epoch)
-            return
-        losses = split_pair_losses(
-            rows.embeddings[a][paired], rows.embeddings[b][paired], self.scale(), ids_a, ids_b, self.block
-        )
+            return torch.ones(ids_a.shape[0])
+        losses = split_pair_losses(a, b, self.scale(), ids_a, ids_b, self.block)
         weights = clean_posterior(losses, self.iterations, reg=self.reg)
         if self.threshold is not None:
             weights = (weights > self.threshold).to(weights.dtype)
-        self.set_table(ids_a, ids_b, weights, ctx.epoch)
+        return weights
+
+    def after_fit(
+        self, embeddings: tuple[Tensor, Tensor], ids: tuple[Tensor, Tensor], weights: Tensor, epoch: int
+    ) -> None:
+        """Called after each fit with the split's pairs and their new weights (``ncr_rematch`` re-pairs here)."""
 
     def set_table(self, ids_a: Tensor, ids_b: Tensor, weights: Tensor, epoch: int) -> None:
         """Store ``weights [P]`` of the pairs ``(ids_a [P], ids_b [P])``, keyed by ``pair_keys``.
