@@ -21,19 +21,43 @@ from modalign.core.errors import ConfigError, UnknownComponentError
 from modalign.core.registry import lookup
 
 
+def _init_chain(factory: Any) -> list[Any]:
+    """The callables whose parameters a component takes.
+
+    A function: itself. A class: its ``__init__``, and while that forwards ``**kwargs`` (to
+    ``super().__init__``), the ``__init__`` of the next class up the MRO that defines one, so a
+    subclass that adds arguments accepts its parent's too without repeating them.
+    """
+    if not inspect.isclass(factory):
+        return [factory]
+    chain = []
+    for cls in factory.__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        chain.append(vars(cls)["__init__"])
+        kinds = {p.kind for p in inspect.signature(chain[-1]).parameters.values()}
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            break
+    return chain
+
+
 def _signature_params(factory: Any) -> dict[str, inspect.Parameter]:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    params = dict(inspect.signature(target).parameters)
-    params.pop("self", None)
-    return {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params: dict[str, inspect.Parameter] = {}
+    for target in _init_chain(factory):
+        for k, p in inspect.signature(target).parameters.items():
+            if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(k, p)
+    return params
 
 
 def _type_hints(factory: Any) -> dict[str, Any]:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # unresolvable forward refs: skip type checks rather than crash
-        return {}
+    hints: dict[str, Any] = {}
+    for target in reversed(_init_chain(factory)):
+        try:
+            hints.update(typing.get_type_hints(target))
+        except Exception:  # unresolvable forward refs: skip type checks rather than crash
+            continue
+    return hints
 
 
 def check_component(

@@ -68,10 +68,9 @@ class NCRRematch(NCRInfoNCE):
         rematch: Fraction of the suspects to re-pair, the most confident assignments, in ``(0, 1]``.
         rematch_threshold: Minimum cosine of a re-pairing, in ``[-1, 1]``.
         rematch_weight: Weight of the re-paired terms (>= 0).
-        gather: Under data parallelism, fit and re-pair on the rows of every rank.
-
-    The other arguments are ``ncr_infonce``'s (its mixture's ``iterations``, ``reg`` and
-    ``block`` keep their defaults).
+        **kwargs: ``ncr_infonce``'s arguments (a recipe may set them: the config check follows
+            ``**kwargs`` to the parent's signature). With ``gather`` every rank re-pairs the rows
+            of all ranks, so the tables agree.
 
     Raises:
         ConfigError: Naming the argument, as ``ncr_infonce`` and for the three above.
@@ -85,23 +84,9 @@ class NCRRematch(NCRInfoNCE):
     bank_b_ids: Tensor
 
     def __init__(
-        self,
-        modalities: list[str] | None = None,
-        temperature: float = 0.07,
-        learn_temperature: bool = True,
-        max_logit_scale: float = 100.0,
-        warmup_epochs: int = 5,
-        refresh_every: int = 1,
-        threshold: float | None = None,
-        rematch: float = 0.25,
-        rematch_threshold: float = -1.0,
-        rematch_weight: float = 1.0,
-        gather: bool = False,
+        self, rematch: float = 0.25, rematch_threshold: float = -1.0, rematch_weight: float = 1.0, **kwargs: Any
     ) -> None:
-        super().__init__(
-            modalities, temperature, learn_temperature, max_logit_scale, warmup_epochs, refresh_every, threshold
-        )
-        self.gather = gather
+        super().__init__(**kwargs)
         self.name = "ncr_rematch"
         check_arg("rematch", 0 < rematch <= 1, f"must be in (0, 1], got {rematch}")
         check_arg("rematch_threshold", -1 <= rematch_threshold <= 1, f"must be in [-1, 1], got {rematch_threshold}")
