@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -181,6 +182,22 @@ def joint_embeddings(rows: PassRows, modalities: tuple[str, ...]) -> tuple[Tenso
         count += rows.present[m]
     keep = count > 0
     return content_means(rows.ids[keep], total[keep] / count[keep][:, None])
+
+
+def resize_on_load(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Register a ``load_state_dict`` pre-hook giving each buffer of ``names`` the shape it has in the checkpoint.
+
+    Tables filled by an epoch-start pass (mined pairs, fitted weights) have data-dependent
+    lengths and start empty; the hook resizes them (same dtype and device) before the copy.
+    """
+
+    def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in names:
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None:
+                setattr(mod, name, getattr(mod, name).new_empty(incoming.shape))
+
+    module.register_load_state_dict_pre_hook(hook)
 
 
 def refresh_due(epoch: int, warmup_epochs: int, refresh_every: int) -> bool:

@@ -23,14 +23,12 @@ margins are not built: one network weights its own pairs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from modalign.core.registry import register
 from modalign.core.types import Batch, EpochContext, LossOutput, Outputs
-from modalign.objectives.cluster_tables import embed_training_split, embed_width, refresh_due
+from modalign.objectives.cluster_tables import embed_training_split, embed_width, refresh_due, resize_on_load
 from modalign.objectives.contrastive import LogitScale, Pair, PairObjective, check_pair_inputs
 from modalign.objectives.pseudo_pairs import find_ids
 from modalign.objectives.unaligned import check_arg, clean_posterior, scale_of, weighted_pair_output
@@ -92,13 +90,6 @@ KEY_SPAN = 2**31
 def pair_keys(ids_a: Tensor, ids_b: Tensor) -> Tensor:
     """``LongTensor[P]``: one key per pair of content ids, ``a * 2**31 + b`` (increasing in ``(a, b)``)."""
     return ids_a.long() * KEY_SPAN + ids_b.long()
-
-
-def _resize_tables(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Resize the weight tables to the checkpoint's before loading (their length is data-dependent)."""
-    for name in ("table_ids", "table_weights"):
-        if prefix + name in state_dict:
-            setattr(module, name, torch.empty_like(state_dict[prefix + name]))
 
 
 @register("objective", "ncr_infonce")
@@ -167,7 +158,7 @@ class NCRInfoNCE(PairObjective):
         self.register_buffer("table_ids", torch.zeros(2, 0, dtype=torch.long))
         self.register_buffer("table_weights", torch.zeros(0))
         self.register_buffer("fitted_epoch", torch.full((), -1, dtype=torch.long))
-        self.register_load_state_dict_pre_hook(_resize_tables)
+        resize_on_load(self, ("table_ids", "table_weights"))
 
     def bind(self, model: nn.Module) -> None:
         """Resolve the modalities and the embedding width."""

@@ -25,7 +25,7 @@ is given in ``modalign.objectives.mining``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from modalign.objectives.cluster_tables import (
     embed_training_split,
     embed_width,
     refresh_due,
+    resize_on_load,
 )
 from modalign.objectives.contrastive import LogitScale, PairObjective
 from modalign.objectives.mining import (
@@ -178,14 +179,6 @@ def bank_rows(size: int, cap: int | None, seed: int, device: torch.device) -> Te
 TABLES = ("pair_ids", "pair_embeddings", "pair_confidence", "bank_a", "bank_a_ids", "bank_b", "bank_b_ids")
 
 
-def _resize_tables(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: give each mining table the shape it has in ``state_dict``."""
-    for name in TABLES:
-        incoming = state_dict.get(prefix + name)
-        if incoming is not None:
-            setattr(module, name, getattr(module, name).new_empty(incoming.shape))
-
-
 # ---------------------------------------------------------------------------------------------
 # The module.
 
@@ -298,7 +291,7 @@ class PseudoPairs(PairObjective):
         self.embed_dim = 0
         self._make_tables(0)
         self.register_buffer("mined_epoch", torch.full((), -1, dtype=torch.long))
-        self.register_load_state_dict_pre_hook(_resize_tables)
+        resize_on_load(self, TABLES)
 
     def _make_tables(self, embed_dim: int) -> None:
         """Empty mining tables of width ``embed_dim``."""

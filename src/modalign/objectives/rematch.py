@@ -30,6 +30,7 @@ from torch import Tensor
 
 from modalign.core.registry import register
 from modalign.core.types import Batch, LossOutput, Outputs
+from modalign.objectives.cluster_tables import resize_on_load
 from modalign.objectives.mining import mine_assignment, most_confident
 from modalign.objectives.noisy_pairs import NCRInfoNCE
 from modalign.objectives.pseudo_pairs import find_ids, pseudo_pair_terms
@@ -44,12 +45,6 @@ def first_of_each(ids: Tensor) -> Tensor:
     values, inverse = torch.unique(ids, return_inverse=True)
     first = torch.full((values.shape[0],), ids.shape[0], dtype=torch.long, device=ids.device)
     return first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
-
-
-def _resize(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    for name in TABLES:
-        if prefix + name in state_dict:
-            setattr(module, name, torch.empty_like(state_dict[prefix + name]))
 
 
 @register("objective", "ncr_rematch")
@@ -97,7 +92,7 @@ class NCRRematch(NCRInfoNCE):
         for side in "ab":
             self.register_buffer(f"bank_{side}", torch.zeros(0, 0))
             self.register_buffer(f"bank_{side}_ids", torch.zeros(0, dtype=torch.long))
-        self.register_load_state_dict_pre_hook(_resize)
+        resize_on_load(self, TABLES)
 
     def after_fit(
         self, embeddings: tuple[Tensor, Tensor], ids: tuple[Tensor, Tensor], weights: Tensor, epoch: int
