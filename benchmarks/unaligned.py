@@ -152,6 +152,7 @@ HEADINGS = {
     "pairing": "Mix-paired: paired fraction sweep",
     "pairing_stitched": "Mix-paired with stitched towers (frozen pretrained encoders): 100% and 1% pairs",
     "noise": "Noisy pairs: pair noise sweep",
+    "noise_stitched": "Noisy pairs with stitched towers (frozen pretrained encoders)",
     "offsets": "Fine-grained: basicmotions with temporal offsets",
     "plans": "Fine-grained: OT plans between emoji label words and image regions",
 }
@@ -174,17 +175,18 @@ def row_matches(key: str, part: str) -> bool:
 
 
 def section_name(args: argparse.Namespace) -> str:
-    """The doc section / results key: ``pairing_stitched`` for the stitched recipes' pairing sweep.
+    """The doc section / results key: ``pairing_stitched``/``noise_stitched`` for the stitched recipes' sweeps.
 
     Raises:
-        SystemExit: If one call mixes stitched and from-scratch datasets, or a stitched one outside ``pairing``.
+        SystemExit: If one call mixes stitched and from-scratch datasets, or a stitched one outside
+            ``pairing`` and ``noise``.
     """
     stitched = [d for d in args.datasets if d in runs_mod.STITCHED]
     if not stitched:
         return str(args.only)
-    if args.only != "pairing" or len(stitched) != len(args.datasets):
-        raise SystemExit(f"{', '.join(stitched)}: only in --only pairing, without the other datasets")
-    return "pairing_stitched"
+    if args.only not in ("pairing", "noise") or len(stitched) != len(args.datasets):
+        raise SystemExit(f"{', '.join(stitched)}: only in --only pairing or noise, without the other datasets")
+    return f"{args.only}_stitched"
 
 
 def sweep(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -239,7 +241,7 @@ def main() -> None:
         nargs="+",
         default=list(runs_mod.SWEPT),
         choices=[*runs_mod.SWEPT, *runs_mod.STITCHED],
-        help="Sweeps: datasets (the stitched recipes take part in the pairing sweep only).",
+        help="Sweeps: datasets (the stitched recipes take part in the pairing and noise sweeps).",
     )
     parser.add_argument(
         "--rows", nargs="*", help="Sweeps: only rows whose key contains one of these (or equals one ending in $)."
@@ -253,7 +255,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     unaligned_emoji.add_arguments(parser)
     args = parser.parse_args()
-    section_name(args)  # refuse a stitched dataset outside the pairing sweep before running anything
+    section_name(args)  # refuse a stitched dataset outside the pairing and noise sweeps before running anything
     load = os.getloadavg()[0]
     lines, result = run_section(args)
     machine = (

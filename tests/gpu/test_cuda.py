@@ -219,6 +219,7 @@ ALONE += ["weighted_infonce", "window_milnce"]
 SWEEP |= {f"only:{o}": PAIR for o in ALONE}
 SWEEP["only:ncr_infonce"] = {**PAIR, "warmup_epochs": 1}  # fits its mixture at the epoch-1 start
 SWEEP["only:ncr_rematch"] = {**PAIR, "warmup_epochs": 1}  # fits and re-pairs at the epoch-1 start
+SWEEP["only:crossfit_infonce"] = {**PAIR, "warmup_epochs": 1}  # cross-fits its ridge maps at the epoch-1 start
 
 
 def sweep_method(key: str, device: torch.device | str, dtype: torch.dtype) -> Method:

@@ -3,13 +3,15 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``ncr_infonce``, ``window_milnce``, ``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``), within-modality instance
+``ncr_infonce``, ``ncr_rematch``, ``crossfit_infonce``, ``window_milnce``, ``filip``, ``ot_tokens``,
+``soft_dtw``, ``pseudo_pairs``), within-modality instance
 discrimination (``unimodal_infonce``), and the families added by the modules imported below.
 """
 
 from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
 from modalign.objectives.clustering import XDC, MCNCluster, SeLaVi, swapped_prediction_loss, xdc_loss
 from modalign.objectives.contrastive import InfoNCE, infonce_loss
+from modalign.objectives.crossfit import CrossFitInfoNCE
 from modalign.objectives.data2vec import Data2Vec, data2vec_targets, ema_update
 from modalign.objectives.decoupled import DCL, dcl_loss
 from modalign.objectives.fused import GMC, nt_xent_loss
@@ -53,6 +55,7 @@ __all__ = [
     "AudioVisualCorrespondence",
     "BarlowTwins",
     "Captioning",
+    "CrossFitInfoNCE",
     "Data2Vec",
     "ImageTextMatching",
     "InfoNCE",

@@ -9,7 +9,7 @@ in a table sorted by content id, read during the epoch with ``torch.searchsorted
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +64,8 @@ class PassRows:
         ids: ``LongTensor[N]`` sample ids.
         content: ``{modality: LongTensor[N]}`` content ids (``Batch.ids_of``).
         present: ``{modality: BoolTensor[N]}`` where the modality was observed.
-        embeddings: ``{modality: Tensor[N, E]}`` L2-normalised embeddings (zeros where absent).
+        embeddings: ``{modality: Tensor[N, E]}`` L2-normalised embeddings, or the pooled encoder
+            vectors of a ``source="pooled"`` pass (zeros where absent).
     """
 
     ids: Tensor
@@ -85,22 +86,29 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _batch_rows(model: nn.Module, batch: Batch, modalities: tuple[str, ...], embed_dim: int) -> dict[str, Tensor]:
+def _batch_rows(
+    model: nn.Module, batch: Batch, modalities: tuple[str, ...], widths: dict[str, int], source: str
+) -> dict[str, Tensor]:
     """One batch's rows of a ``PassRows`` as flat ``{key: tensor}`` (presence as ``uint8``)."""
-    out = model(batch).embeddings
+    out = getattr(model(batch), source)
     rows = {"ids": batch.ids.long()}
     for m in modalities:
         observed = m in out
         rows[f"content/{m}"] = batch.ids_of(m).long().to(batch.ids.device)
         present = batch.rows(m).to(batch.ids.device) if observed else torch.zeros_like(batch.ids, dtype=torch.bool)
         rows[f"present/{m}"] = present.to(torch.uint8)
-        zeros = torch.zeros(batch.size, embed_dim, device=batch.ids.device)
+        zeros = torch.zeros(batch.size, widths[m], device=batch.ids.device)
         rows[f"embeddings/{m}"] = out[m].float() if observed else zeros
     return rows
 
 
 def embed_training_split(
-    model: nn.Module, batches: Iterable[Batch], modalities: tuple[str, ...], embed_dim: int, gather: bool = False
+    model: nn.Module,
+    batches: Iterable[Batch],
+    modalities: tuple[str, ...],
+    embed_dim: int | Mapping[str, int],
+    gather: bool = False,
+    source: str = "embeddings",
 ) -> PassRows:
     """Embed every batch of ``batches`` with ``model`` in eval mode, without gradient.
 
@@ -112,18 +120,23 @@ def embed_training_split(
         model: The ``MultimodalModel`` (put back in its previous train/eval mode afterwards).
         batches: One pass over the training split (``EpochContext.batches()``).
         modalities: Modalities to embed.
-        embed_dim: Embedding width ``E``.
+        embed_dim: Row width ``E``, or one per modality (``source="pooled"``: the encoders' widths).
         gather: Concatenate the rows of all ranks.
+        source: The ``Outputs`` field read: ``"embeddings"`` (L2-normalised head outputs) or
+            ``"pooled"`` (each encoder's vector before its head); kept in ``PassRows.embeddings``.
 
     Raises:
         ValueError: If the pass holds no row at all.
     """
+    if source not in ("embeddings", "pooled"):
+        raise ValueError(f"source must be 'embeddings' or 'pooled', got {source!r}")
+    widths = dict(embed_dim) if isinstance(embed_dim, Mapping) else dict.fromkeys(modalities, embed_dim)
     with evaluating(model):
-        chunks = [_batch_rows(model, batch, modalities, embed_dim) for batch in batches]
+        chunks = [_batch_rows(model, batch, modalities, widths, source) for batch in batches]
     if chunks:
         rows = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     else:
-        rows = _batch_rows_empty(modalities, embed_dim)
+        rows = _batch_rows_empty(modalities, widths)
     if gather and is_initialized():
         sizes = all_gather_sizes(rows["ids"].shape[0], rows["ids"].device)
         rows = {k: all_gather_no_grad(v.contiguous(), sizes) for k, v in rows.items()}
@@ -137,13 +150,13 @@ def embed_training_split(
     )
 
 
-def _batch_rows_empty(modalities: tuple[str, ...], embed_dim: int) -> dict[str, Tensor]:
+def _batch_rows_empty(modalities: tuple[str, ...], widths: dict[str, int]) -> dict[str, Tensor]:
     """The flat rows of a pass that saw no batch on this rank."""
     rows = {"ids": torch.zeros(0, dtype=torch.long)}
     for m in modalities:
         rows[f"content/{m}"] = torch.zeros(0, dtype=torch.long)
         rows[f"present/{m}"] = torch.zeros(0, dtype=torch.uint8)
-        rows[f"embeddings/{m}"] = torch.zeros(0, embed_dim)
+        rows[f"embeddings/{m}"] = torch.zeros(0, widths[m])
     return rows
 
 

@@ -23,6 +23,8 @@ margins are not built: one network weights its own pairs.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -129,6 +131,8 @@ class NCRInfoNCE(PairObjective):
     table_ids: Tensor
     table_weights: Tensor
     fitted_epoch: Tensor
+    #: The least ``warmup_epochs`` (the first fit reads the model's embeddings: it needs training).
+    min_warmup_epochs: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -145,7 +149,8 @@ class NCRInfoNCE(PairObjective):
         gather: bool = False,
     ) -> None:
         super().__init__(modalities, "ncr_infonce")
-        check_arg("warmup_epochs", warmup_epochs >= 1, f"must be >= 1, got {warmup_epochs}")
+        low = self.min_warmup_epochs
+        check_arg("warmup_epochs", warmup_epochs >= low, f"must be >= {low}, got {warmup_epochs}")
         check_arg("refresh_every", refresh_every >= 1, f"must be >= 1, got {refresh_every}")
         check_arg("threshold", threshold is None or 0 < threshold < 1, f"must be null or in (0, 1), got {threshold}")
         check_arg("iterations", iterations >= 1, f"must be >= 1, got {iterations}")
@@ -155,6 +160,8 @@ class NCRInfoNCE(PairObjective):
         self.warmup_epochs, self.refresh_every, self.threshold = warmup_epochs, refresh_every, threshold
         self.iterations, self.reg, self.block, self.gather = iterations, reg, block, gather
         self.embed_dim = 0
+        self.split_widths: dict[str, int] = {}
+        self.split_source = "embeddings"  # what the fitting pass reads (embed_training_split's source)
         self.register_buffer("table_ids", torch.zeros(2, 0, dtype=torch.long))
         self.register_buffer("table_weights", torch.zeros(0))
         self.register_buffer("fitted_epoch", torch.full((), -1, dtype=torch.long))
@@ -164,6 +171,7 @@ class NCRInfoNCE(PairObjective):
         """Resolve the modalities and the embedding width."""
         super().bind(model)
         self.embed_dim = embed_width(model, self.modalities, self.name)
+        self.split_widths = dict.fromkeys(self.modalities, self.embed_dim)
 
     def fitting_epoch(self, epoch: int) -> bool:
         """Whether the weights are refitted at the start of ``epoch``."""
@@ -174,7 +182,9 @@ class NCRInfoNCE(PairObjective):
         if not self.fitting_epoch(ctx.epoch):
             return
         a, b = self.modalities
-        rows = embed_training_split(model, ctx.batches(), self.modalities, self.embed_dim, self.gather)
+        rows = embed_training_split(
+            model, ctx.batches(), self.modalities, self.split_widths, self.gather, self.split_source
+        )
         paired = rows.present[a] & rows.present[b]
         ids = rows.content[a][paired], rows.content[b][paired]
         embeddings = rows.embeddings[a][paired], rows.embeddings[b][paired]
