@@ -8,6 +8,7 @@
   needed, clean pairs outweigh noisy ones, hard weights, the table through a checkpoint; the
   loss is ``weighted_infonce_loss`` with the stored weights (value and gradient).
 * A tiny training run at 50% noise: beats ``infonce`` by far, as good as ``ncr_infonce``.
+* A fit that weighs every pair 0 warns (a threshold above every posterior).
 * ``ConfigError`` keys.
 """
 
@@ -191,6 +192,15 @@ def test_fit_from_the_first_epoch_weighs_the_noisy_pairs_down(tmp_path: Path) ->
     hard.model.load_state_dict(method.model.state_dict())
     objective(hard).on_epoch_start(hard.model, context(0, batches))
     torch.testing.assert_close(objective(hard).table_weights, (w > 0.5).float())
+
+
+def test_a_fit_that_drops_every_pair_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batches = make_method({"threshold": 0.99}), noisy_batches()
+    obj = objective(method)
+    monkeypatch.setattr(obj, "fit_weights", lambda a, b, ids_a, ids_b: torch.zeros(ids_a.shape[0]))
+    with pytest.warns(UserWarning, match="every one of the 200 pairs weighs 0"):
+        obj.on_epoch_start(method.model, context(0, batches))
+    assert int(obj.fitted_epoch) == 0 and float(obj.table_weights.sum()) == 0.0
 
 
 def trained(entry: dict[str, Any], folder: Path) -> Method:

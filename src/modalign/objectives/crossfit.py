@@ -152,7 +152,7 @@ class CrossFitInfoNCE(NCRInfoNCE):
             measured on emoji-stitch at 50% noise, soft posteriors still give the mismatched
             pairs a quarter of the weight), or ``null`` for the soft posterior.
         seed: Seed of the folds.
-        **kwargs: ``ncr_infonce``'s other arguments (temperature, threshold, mixture, gather).
+        **kwargs: ``ncr_infonce``'s other arguments (temperature, schedule, mixture, gather).
 
     Raises:
         ConfigError: Naming the argument; at ``bind``, ``modalities`` when ``features: pooled``

@@ -23,6 +23,7 @@ margins are not built: one network weights its own pairs.
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
@@ -189,6 +190,12 @@ class NCRInfoNCE(PairObjective):
         ids = rows.content[a][paired], rows.content[b][paired]
         embeddings = rows.embeddings[a][paired], rows.embeddings[b][paired]
         weights = self.fit_weights(*embeddings, *ids)
+        if weights.numel() > 0 and not bool((weights > 0).any()):
+            warnings.warn(
+                f"{self.name}: every one of the {weights.numel()} pairs weighs 0 after the fit at epoch {ctx.epoch} "
+                f"(threshold {self.threshold}): no pair is a positive until the next fit",
+                stacklevel=2,
+            )
         self.set_table(*ids, weights, ctx.epoch)
         self.after_fit(embeddings, ids, weights, ctx.epoch)
 
