@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.core import Batch, ConfigError
-from modalign.core.types import EpochContext
-from modalign.data.collate import collate
+from modalign.core import ConfigError
 from modalign.data.pairing import PairingView
 from modalign.methods import Method
 from modalign.objectives import CrossFitInfoNCE, weighted_infonce_loss
@@ -33,7 +31,7 @@ from modalign.objectives.crossfit import agreement_losses, centred, crossfit_pre
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
-from support.linked import SPECS, Linked, top1
+from support.linked import SPECS, Linked, context, noisy_batches, top1
 from support.reference import composite_method
 
 F64 = torch.float64
@@ -91,23 +89,15 @@ def test_agreement_losses_against_a_loop() -> None:
     ca = (a - a.mean(0)) / (a - a.mean(0)).norm(dim=1, keepdim=True)
     cb = (b - b.mean(0)) / (b - b.mean(0)).norm(dim=1, keepdim=True)
     s = float(scale.exp())
-    # every row's out-of-fold prediction, by lstsq on the other folds
-    b_hats = torch.stack(
-        [
-            F.normalize(
-                ca[i] @ lstsq_ridge(ca[folds != folds[i]], cb[folds != folds[i]], w[folds != folds[i]], 0.7), dim=0
-            )
-            for i in range(n)
+
+    def predicted(x: Tensor, y: Tensor) -> Tensor:
+        """Every row's out-of-fold prediction of ``y``, by lstsq on the other folds, normalised."""
+        rows = [
+            x[i] @ lstsq_ridge(x[folds != folds[i]], y[folds != folds[i]], w[folds != folds[i]], 0.7) for i in range(n)
         ]
-    )
-    a_hats = torch.stack(
-        [
-            F.normalize(
-                cb[i] @ lstsq_ridge(cb[folds != folds[i]], ca[folds != folds[i]], w[folds != folds[i]], 0.7), dim=0
-            )
-            for i in range(n)
-        ]
-    )
+        return F.normalize(torch.stack(rows), dim=1)
+
+    b_hats, a_hats = predicted(ca, cb), predicted(cb, ca)
 
     def symmetric(p: Tensor, t: Tensor, p_ids: Tensor, t_ids: Tensor) -> Tensor:
         out = []
@@ -138,17 +128,8 @@ def objective(method: Method) -> CrossFitInfoNCE:
 N = 200
 
 
-def noisy_batches() -> list[Batch]:
-    view = PairingView(Linked(n=N), pair_noise=0.5, seed=0)
-    return [collate([view[i] for i in range(s, min(s + 50, len(view)))], SPECS) for s in range(0, len(view), 50)]
-
-
-def context(epoch: int, batches: list[Batch]) -> EpochContext:
-    return EpochContext(epoch * 4, epoch, 50, 4, batches=lambda: iter(batches))
-
-
 def test_pooled_pass_reads_the_encoders_vectors() -> None:
-    method, batches = make_method(), noisy_batches()
+    method, batches = make_method(), noisy_batches(N)
     rows = embed_training_split(method.model, batches, ("x", "y"), {"x": 32, "y": 32}, source="pooled")
     method.eval()
     with torch.no_grad():
@@ -160,7 +141,7 @@ def test_pooled_pass_reads_the_encoders_vectors() -> None:
 
 
 def test_fit_from_the_first_epoch_weighs_the_noisy_pairs_down(tmp_path: Path) -> None:
-    method, batches = make_method({"threshold": None, "refresh_every": 2}), noisy_batches()
+    method, batches = make_method({"threshold": None, "refresh_every": 2}), noisy_batches(N)
     obj = objective(method)
     obj.on_epoch_start(method.model, context(0, batches))  # untrained towers: the fit needs no warm-up
     assert int(obj.fitted_epoch) == 0 and obj.table_ids.shape[1] == N
@@ -195,7 +176,7 @@ def test_fit_from_the_first_epoch_weighs_the_noisy_pairs_down(tmp_path: Path) ->
 
 
 def test_a_fit_that_drops_every_pair_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    method, batches = make_method({"threshold": 0.99}), noisy_batches()
+    method, batches = make_method({"threshold": 0.99}), noisy_batches(N)
     obj = objective(method)
     monkeypatch.setattr(obj, "fit_weights", lambda a, b, ids_a, ids_b: torch.zeros(ids_a.shape[0]))
     with pytest.warns(UserWarning, match="every one of the 200 pairs weighs 0"):

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modalign.core import Batch, ConfigError
-from modalign.core.types import EpochContext
-from modalign.data.collate import collate
+from modalign.core import ConfigError
 from modalign.data.pairing import PairingView
 from modalign.methods import Method
 from modalign.objectives import NCRInfoNCE, split_pair_losses, weighted_infonce_loss
@@ -30,7 +28,7 @@ from modalign.objectives.unaligned import per_pair_infonce
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
-from support.linked import SPECS, Linked, top1
+from support.linked import SPECS, Linked, context, noisy_batches, top1
 from support.reference import composite_method
 
 F64 = torch.float64
@@ -98,15 +96,6 @@ def test_weight_table_lookup_by_both_content_ids() -> None:
 NOISE_N = 200
 
 
-def noisy_batches(n: int = NOISE_N, noise: float = 0.5) -> list[Batch]:
-    view = PairingView(Linked(n=n), pair_noise=noise, seed=0)
-    return [collate([view[i] for i in range(s, min(s + 50, len(view)))], SPECS) for s in range(0, len(view), 50)]
-
-
-def context(epoch: int, batches: list[Batch]) -> EpochContext:
-    return EpochContext(epoch * 4, epoch, 50, 4, batches=lambda: iter(batches))
-
-
 def trained(noise: float, epochs: int, objectives: list[dict[str, Any]], folder: Path, n: int = 600) -> Method:
     method = composite_method(objectives, SPECS, EMBED, 0)
     cfg = TrainConfig(epochs=epochs, batch_size=100, lr=3e-3, warmup_steps=5, progress_every=None, track="none")
@@ -119,7 +108,7 @@ def test_epoch_start_fit_weighs_the_noisy_pairs_down(tmp_path: Path) -> None:
     method = trained(0.5, 6, [{"name": "infonce", "temperature": 0.1}], tmp_path / "warm", n=NOISE_N)
     ncr = make_method({"warmup_epochs": 2, "refresh_every": 2})
     ncr.model.load_state_dict(method.model.state_dict())
-    obj, batches = objective(ncr), noisy_batches()
+    obj, batches = objective(ncr), noisy_batches(NOISE_N)
     for epoch in (0, 1):
         obj.on_epoch_start(ncr.model, context(epoch, batches))
         assert obj.table_ids.shape[1] == 0 and int(obj.fitted_epoch) == -1  # warm-up

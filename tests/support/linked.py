@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from modalign.core import ModalitySpec, Sample
+from modalign.core import Batch, ModalitySpec, Sample
+from modalign.core.types import EpochContext
 from modalign.data.base import MultimodalDataset
 from modalign.data.collate import collate
+from modalign.data.pairing import PairingView
 from modalign.methods import Method
 
 SPECS = {"x": ModalitySpec("vector", channels=32), "y": ModalitySpec("vector", channels=32)}
@@ -47,3 +49,15 @@ def top1(method: Method, n: int = 300) -> float:
     sim = emb["x"] @ emb["y"].T
     truth = torch.arange(len(test))
     return 0.5 * float((sim.argmax(dim=1) == truth).double().mean() + (sim.argmax(dim=0) == truth).double().mean())
+
+
+def noisy_batches(n: int, noise: float = 0.5) -> list[Batch]:
+    """``Linked(n)`` behind a ``PairingView`` with ``pair_noise``, collated 50 rows at a time, in order."""
+    view = PairingView(Linked(n=n), pair_noise=noise, seed=0)
+    return [collate([view[i] for i in range(s, min(s + 50, len(view)))], SPECS) for s in range(0, len(view), 50)]
+
+
+def context(epoch: int, batches: list[Batch]) -> EpochContext:
+    """The ``EpochContext`` of ``epoch`` whose pass yields ``batches`` (50 rows, ``len(batches)`` steps each)."""
+    steps = len(batches)
+    return EpochContext(epoch * steps, epoch, 50, steps, batches=lambda: iter(batches))
