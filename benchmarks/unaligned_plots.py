@@ -51,7 +51,8 @@ def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
                 (100 * n, figure(r, runs.get(r.key))) for n in NOISES for r in [Row("noise", dataset, method, noise=n)]
             ]
             pts = [(x, y) for x, y in pts if y is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.name)
+            if pts:  # a method not run on this dataset gets no legend entry
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.name)
         ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
         ax.set_xlabel("training pairs replaced by a random partner (%)")
         ax.set_ylabel(f"{d['metric']} (mean of both directions)")

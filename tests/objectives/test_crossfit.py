@@ -8,6 +8,11 @@
   needed, clean pairs outweigh noisy ones, hard weights, the table through a checkpoint; the
   loss is ``weighted_infonce_loss`` with the stored weights (value and gradient).
 * A tiny training run at 50% noise: beats ``infonce`` by far, as good as ``ncr_infonce``.
+* ``pairing_pvalues`` against a loop over the pairs and their alternatives; uniform for pairs
+  whose partner is random, near 0 for pairs that predict each other.
+* ``posterior: lfdr``: the null share estimated (about 0.5 at 50% noise, near 0 without noise,
+  where the mixture drops a third of the clean pairs), reported as a metric, kept through a
+  checkpoint; checkpoints without it still load.
 * A fit that weighs every pair 0 warns (a threshold above every posterior).
 * ``ConfigError`` keys.
 """
@@ -27,7 +32,14 @@ from modalign.data.pairing import PairingView
 from modalign.methods import Method
 from modalign.objectives import CrossFitInfoNCE, weighted_infonce_loss
 from modalign.objectives.cluster_tables import embed_training_split
-from modalign.objectives.crossfit import agreement_losses, centred, crossfit_predictions, fold_of, ridge_map
+from modalign.objectives.crossfit import (
+    agreement_losses,
+    centred,
+    crossfit_predictions,
+    fold_of,
+    pairing_pvalues,
+    ridge_map,
+)
 from modalign.train.checkpoint import load_weights, save_checkpoint
 from modalign.train.loop import Trainer
 from modalign.train.recipe import TrainConfig
@@ -114,6 +126,56 @@ def test_agreement_losses_against_a_loop() -> None:
     torch.testing.assert_close(centred(a), ca)
 
 
+def test_pairing_pvalues_against_a_loop() -> None:
+    n, scale = 14, torch.tensor(1.5, dtype=F64)
+    a, b = F.normalize(randn(n, 5, seed=0), dim=1), F.normalize(randn(n, 4, seed=1), dim=1)
+    a_hat, b_hat = F.normalize(randn(n, 5, seed=2), dim=1), F.normalize(randn(n, 4, seed=3), dim=1)
+    ids_a, ids_b = torch.arange(n), torch.arange(n) + 100
+    ids_b[3] = ids_b[7]  # two rows with the same b content, two with the same a content
+    ids_a[5] = ids_a[9]
+    got = pairing_pvalues(a, b, a_hat, b_hat, ids_a, ids_b, scale, block=4)
+    s = float(scale.exp())
+
+    def score(i: int, j: int) -> Tensor:
+        return 0.5 * s * (b_hat[i] @ b[j] + a[i] @ a_hat[j])
+
+    def shares(i: int, j: int) -> bool:
+        return bool(ids_a[i] == ids_a[j]) or bool(ids_b[i] == ids_b[j])
+
+    def loss(i: int, j: int) -> Tensor:
+        row = torch.stack([score(i, k) for k in range(n) if k == i or not shares(i, k)])
+        column = torch.stack([score(k, j) for k in range(n) if k == j or not shares(k, j)])
+        return 0.5 * (torch.logsumexp(row, 0) + torch.logsumexp(column, 0)) - score(i, j)
+
+    reference = []
+    for i in range(n):
+        alternatives = [j for j in range(n) if not shares(i, j)]
+        beaten = sum(int(loss(i, j) <= loss(i, i)) for j in alternatives)
+        reference.append((1 + beaten) / (1 + len(alternatives)))
+    torch.testing.assert_close(got, torch.tensor(reference, dtype=F64))
+    with pytest.raises(ValueError, match="pairing_pvalues"):
+        pairing_pvalues(a, b[:5], a_hat, b_hat, ids_a, ids_b, scale)
+
+
+def test_pairing_pvalues_are_uniform_for_random_partners() -> None:
+    n = 600
+    a = randn(n, 8, seed=0)
+    b = a @ randn(8, 6, seed=1) + 0.5 * randn(n, 6, seed=2)
+    shuffled = torch.arange(n) >= n // 2
+    b[shuffled] = b[shuffled][torch.randperm(n // 2, generator=torch.Generator().manual_seed(3))]
+    ids = torch.arange(n)
+    ca, cb = centred(a), centred(b)
+    clean = ~shuffled
+    # the maps of the clean pairs (the test isolates the p-values from the fitting)
+    b_hat = F.normalize(ca @ ridge_map(ca[clean], cb[clean], torch.ones(int(clean.sum()), dtype=F64), 1.0), dim=1)
+    a_hat = F.normalize(cb @ ridge_map(cb[clean], ca[clean], torch.ones(int(clean.sum()), dtype=F64), 1.0), dim=1)
+    p = pairing_pvalues(ca, cb, a_hat, b_hat, ids, ids, torch.tensor(3.0, dtype=F64))
+    null = p[shuffled]
+    for q in (0.1, 0.25, 0.5, 0.75):  # the empirical CDF of the random pairs' p-values is the uniform's
+        assert abs(float((null <= q).double().mean()) - q) < 0.08, q
+    assert float(p[clean].median()) < 0.02
+
+
 def make_method(extra: dict[str, Any] | None = None, seed: int = 0) -> Method:
     entry = {"name": "crossfit_infonce", "temperature": 0.1, **(extra or {})}
     return composite_method([entry], SPECS, EMBED, seed)
@@ -167,12 +229,47 @@ def test_fit_from_the_first_epoch_weighs_the_noisy_pairs_down(tmp_path: Path) ->
     fresh = make_method({"threshold": None, "refresh_every": 2}, seed=1)
     load_weights(folder, fresh)
     for k, v in obj.state_dict().items():
-        torch.testing.assert_close(objective(fresh).state_dict()[k], v)
+        torch.testing.assert_close(objective(fresh).state_dict()[k], v, equal_nan=True)  # noise_estimate: NaN
     # the default hard weights: the posterior thresholded at 0.5
     hard = make_method()
     hard.model.load_state_dict(method.model.state_dict())
     objective(hard).on_epoch_start(hard.model, context(0, batches))
     torch.testing.assert_close(objective(hard).table_weights, (w > 0.5).float())
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_lfdr_posterior_estimates_the_noise(noise: float, tmp_path: Path) -> None:
+    batches = noisy_batches(N, noise)
+    lfdr = make_method({"posterior": "lfdr"})
+    obj = objective(lfdr)
+    assert torch.isnan(obj.noise_estimate)
+    obj.on_epoch_start(lfdr.model, context(0, batches))
+    clean = obj.table_ids[0] == obj.table_ids[1]
+    kept = obj.table_weights > 0.5
+    # measured (seed 0): estimates 0.00 and 0.44; every clean pair kept without noise (the
+    # mixture: 0.92 of them), 0.99 of the clean and none of the noisy pairs at 50%
+    assert float(obj.noise_estimate) == pytest.approx(noise, abs=0.1)
+    assert float(kept[clean].float().mean()) >= 0.95
+    if noise:
+        assert float(kept[~clean].float().mean()) <= 0.1
+    else:
+        mixture = make_method()
+        mixture.model.load_state_dict(lfdr.model.state_dict())
+        objective(mixture).on_epoch_start(mixture.model, context(0, batches))
+        assert float(objective(mixture).table_weights.mean()) <= float(kept.float().mean()) - 0.04
+    batch = batches[0]
+    metrics = lfdr.loss(lfdr(batch), batch).metrics
+    assert metrics["crossfit_infonce/noise_estimate"] == pytest.approx(float(obj.noise_estimate))
+    folder = save_checkpoint(tmp_path, "epoch-0001", lfdr, {})
+    fresh = make_method({"posterior": "lfdr"}, seed=1)
+    load_weights(folder, fresh)
+    assert float(objective(fresh).noise_estimate) == float(obj.noise_estimate)
+    # a checkpoint written before noise_estimate existed still loads (left unset)
+    state = {k: v for k, v in obj.state_dict().items() if k != "noise_estimate"}
+    older = make_method({"posterior": "lfdr"}, seed=1)
+    objective(older).load_state_dict(state)
+    assert torch.isnan(objective(older).noise_estimate)
+    torch.testing.assert_close(objective(older).table_weights, obj.table_weights)
 
 
 def test_a_fit_that_drops_every_pair_warns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,6 +308,8 @@ def test_crossfit_beats_infonce_at_half_noise(tmp_path: Path) -> None:
         ({"features": "tokens"}, "features"),
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"threshold": 1.0}, "threshold"),
+        ({"posterior": "gmm"}, "posterior"),
+        ({"null_above": 1.0}, "null_above"),
     ],
 )
 def test_bad_arguments_name_their_key(kwargs: dict[str, Any], key: str) -> None:

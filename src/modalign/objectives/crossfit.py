@@ -16,9 +16,18 @@ co-divide use a second network for the same reason. ``crossfit_infonce`` applies
   ``a -> b`` and one ``b -> a`` are fitted in closed form on the other folds' pairs
   (``crossfit_predictions``), and each held-out pair is scored by the symmetric InfoNCE of its
   predicted partner against the whole split at ``score_temperature`` (``split_pair_losses``).
-* ``clean_posterior`` (NCR's two-component mixture) turns the scores into weights; with
-  ``rounds > 1`` the maps are refitted with those weights as sample weights (the suspected pairs
-  count less) and the pairs scored again.
+* The scores become clean posteriors, either by NCR's two-component mixture on the scores
+  (``posterior: mixture``, ``clean_posterior``) or as local false discovery rates of rank
+  p-values (``posterior: lfdr``): a pair whose partner was replaced by a random other sample
+  ranks its given partner like a random alternative, so its p-value (``pairing_pvalues``: the
+  rank of the given pairing's symmetric InfoNCE loss among those of the same ``a`` with every
+  other ``b``) is uniform on ``[0, 1]``, while clean pairs' p-values pile up near 0; Storey's
+  null share and Grenander's decreasing density give each pair's posterior of being a
+  mismatch (``modalign.objectives.local_fdr``; Efron et al. 2001). Unlike a two-component
+  mixture, which splits any split in two, the null share is estimated (near 0 on clean
+  pairs), and it is reported as the metric ``noise_estimate``. With ``rounds > 1`` the maps are
+  refitted with the posteriors as sample weights (the suspected pairs count less) and the pairs
+  scored again.
 * Training is ``ncr_infonce``'s weighted InfoNCE with these weights.
 
 With frozen features the weights can be fitted before any training (``warmup_epochs: 0``). The
@@ -36,8 +45,10 @@ from torch import Tensor, nn
 
 from modalign.core.errors import ConfigError
 from modalign.core.registry import register
+from modalign.core.types import Batch, LossOutput, Outputs
+from modalign.objectives.local_fdr import local_fdr
 from modalign.objectives.noisy_pairs import NCRInfoNCE, pair_keys, split_pair_losses
-from modalign.objectives.unaligned import check_arg, clean_posterior
+from modalign.objectives.unaligned import check_arg, clean_posterior, scale_of
 
 
 def ridge_map(x: Tensor, y: Tensor, weights: Tensor, ridge: float) -> Tensor:
@@ -91,6 +102,20 @@ def centred(x: Tensor) -> Tensor:
     return F.normalize(x - x.mean(dim=0, keepdim=True), dim=1)
 
 
+def crossfit_views(
+    a: Tensor, b: Tensor, folds: Tensor, weights: Tensor, ridge: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, b, a_hat, b_hat)`` of a split's pairs, in float64.
+
+    ``a, b`` centred and unit (``centred``); ``b_hat`` from ``a`` and ``a_hat`` from ``b`` by the
+    cross-fitted ridge maps (``crossfit_predictions``, arguments as ``agreement_losses``), unit rows.
+    """
+    a, b, w = centred(a), centred(b), weights.to(torch.float64)
+    b_hat = F.normalize(crossfit_predictions(a, b, folds, w, ridge), dim=1)
+    a_hat = F.normalize(crossfit_predictions(b, a, folds, w, ridge), dim=1)
+    return a, b, a_hat, b_hat
+
+
 def agreement_losses(
     a: Tensor,
     b: Tensor,
@@ -121,14 +146,102 @@ def agreement_losses(
         block: Rows per block of ``split_pair_losses``.
     """
     with torch.no_grad():
-        a, b, w = centred(a), centred(b), weights.to(torch.float64)
-        b_hat = F.normalize(crossfit_predictions(a, b, folds, w, ridge), dim=1)
-        a_hat = F.normalize(crossfit_predictions(b, a, folds, w, ridge), dim=1)
+        a, b, a_hat, b_hat = crossfit_views(a, b, folds, weights, ridge)
         scale = logit_scale.detach().to(device=a.device, dtype=torch.float64)
         return 0.5 * (
             split_pair_losses(b_hat, b, scale, ids_a, ids_b, block)
             + split_pair_losses(a_hat, a, scale, ids_b, ids_a, block)
         )
+
+
+def pairing_pvalues(
+    a: Tensor,
+    b: Tensor,
+    a_hat: Tensor,
+    b_hat: Tensor,
+    ids_a: Tensor,
+    ids_b: Tensor,
+    logit_scale: Tensor,
+    block: int = 1024,
+) -> Tensor:
+    """``Tensor[N]`` in ``(0, 1]``: each pair's p-value under "its ``b`` is a random other ``b``", no gradient.
+
+    The pairing score of ``a_i`` with ``b_j`` is ``S(i, j) = s (b_hat_i . b_j + a_i . a_hat_j) / 2``
+    (``s = exp(logit_scale)``; ``b_hat_i`` predicted from ``a_i``, ``a_hat_j`` from ``b_j``), and
+    its symmetric InfoNCE loss ``l(i, j) = (LSE_k S(i, k) + LSE_k S(k, j)) / 2 - S(i, j)``; the
+    column term corrects for ``b`` values that score high with every ``a`` (hubs). The
+    alternatives of pair ``i`` are the ``j`` sharing neither content id with it (as
+    ``split_pair_losses``' negatives; the column sums leave out the same rows), and
+    ``p_i = (1 + #{alternatives j: l(i, j) <= l(i, i)}) / (1 + #alternatives)``: uniform if ``b_i`` is
+    a random draw of the alternatives, near 0 if the two sides predict each other. Memory is
+    ``block x N``.
+
+    Args:
+        a: ``Tensor[N, D_a]`` first-modality features of the pairs (centred, unit rows).
+        b: ``Tensor[N, D_b]`` their partners'.
+        a_hat: ``Tensor[N, D_a]`` each ``b_j``'s prediction of its ``a`` (unit rows).
+        b_hat: ``Tensor[N, D_b]`` each ``a_i``'s prediction of its ``b`` (unit rows).
+        ids_a: ``LongTensor[N]`` content ids of the ``a`` rows.
+        ids_b: ``LongTensor[N]`` content ids of the ``b`` rows.
+        logit_scale: Scalar tensor, log of the inverse scoring temperature.
+        block: Rows per block (>= 1).
+
+    Raises:
+        ValueError: On shapes that do not fit, an empty split or ``block < 1``.
+    """
+    n = a.shape[0]
+    if n == 0 or block < 1 or a_hat.shape != a.shape or b_hat.shape != b.shape or b.shape[0] != n:
+        raise ValueError(
+            f"pairing_pvalues needs a, a_hat [N, D_a], b, b_hat [N, D_b] with N >= 1 and block >= 1; got "
+            f"{tuple(a.shape)}, {tuple(a_hat.shape)}, {tuple(b.shape)}, {tuple(b_hat.shape)}, block={block}"
+        )
+    if ids_a.shape != (n,) or ids_b.shape != (n,):
+        raise ValueError(f"pairing_pvalues needs ids_a, ids_b [{n}], got {tuple(ids_a.shape)}, {tuple(ids_b.shape)}")
+    with torch.no_grad():
+        scale = scale_of(logit_scale.detach()).to(a.dtype)
+        columns = torch.arange(n, device=a.device)
+
+        def scores(rows: Tensor) -> tuple[Tensor, Tensor]:
+            """``S(rows, :) [r, N]`` and whether each ``(row, j)`` shares a content id (``j = row`` included)."""
+            s = 0.5 * scale * (b_hat[rows] @ b.T + a[rows] @ a_hat.T)
+            same = (ids_a[rows, None] == ids_a[None, :]) | (ids_b[rows, None] == ids_b[None, :])
+            return s, same
+
+        column_lse = torch.full((n,), float("-inf"), dtype=a.dtype, device=a.device)
+        for start in range(0, n, block):
+            rows = columns[start : start + block]
+            s, same = scores(rows)
+            s = s.masked_fill(same & (rows[:, None] != columns[None, :]), float("-inf"))
+            column_lse = torch.logaddexp(column_lse, torch.logsumexp(s, dim=0))
+        out = []
+        for start in range(0, n, block):
+            rows = columns[start : start + block]
+            s, same = scores(rows)
+            key = s - 0.5 * column_lse[None, :]  # -l(i, j) up to the row's constant
+            own = key[torch.arange(rows.shape[0]), rows]
+            beaten = ((key >= own[:, None]) & ~same).sum(dim=1)
+            out.append((1.0 + beaten.to(a.dtype)) / (1.0 + (~same).sum(dim=1).to(a.dtype)))
+        return torch.cat(out)
+
+
+def crossfit_pvalues(
+    a: Tensor,
+    b: Tensor,
+    ids_a: Tensor,
+    ids_b: Tensor,
+    folds: Tensor,
+    weights: Tensor,
+    ridge: float,
+    logit_scale: Tensor,
+    block: int = 1024,
+) -> Tensor:
+    """``Tensor[N]``: ``pairing_pvalues`` of the pairs with cross-fitted ridge predictions, no gradient.
+
+    ``a, b`` are centred and normalised (``centred``); ``b_hat`` and ``a_hat`` are the normalised
+    ``crossfit_predictions`` (arguments as ``agreement_losses``).
+    """
+    with torch.no_grad():
+        return pairing_pvalues(*crossfit_views(a, b, folds, weights, ridge), ids_a, ids_b, logit_scale, block)
 
 
 @register("objective", "crossfit_infonce")
@@ -147,6 +260,10 @@ class CrossFitInfoNCE(NCRInfoNCE):
         score_temperature: Temperature of the scoring InfoNCE (> 0).
         features: ``pooled`` (the encoders' vectors before the heads: frozen pretrained
             features stay out of reach of memorisation) or ``embeddings`` (the heads' outputs).
+        posterior: ``mixture`` (NCR's two-component mixture on the agreement losses) or
+            ``lfdr`` (one minus the local false discovery rate of the rank p-values).
+        null_above: ``posterior: lfdr``: Storey's ``lambda``, p-values above it count as
+            mismatches when estimating their share (in ``[0, 1)``).
         warmup_epochs: Epochs of plain InfoNCE before the first fit (>= 0; 0 with frozen features).
         threshold: Hard weights (1 where the clean posterior exceeds it, else 0; default 0.5:
             measured on emoji-stitch at 50% noise, soft posteriors still give the mismatched
@@ -159,6 +276,7 @@ class CrossFitInfoNCE(NCRInfoNCE):
             and an encoder has no width ``dim``.
     """
 
+    noise_estimate: Tensor
     min_warmup_epochs = 0
 
     def __init__(
@@ -168,6 +286,8 @@ class CrossFitInfoNCE(NCRInfoNCE):
         rounds: int = 2,
         score_temperature: float = 0.05,
         features: str = "pooled",
+        posterior: str = "mixture",
+        null_above: float = 0.5,
         warmup_epochs: int = 0,
         threshold: float | None = 0.5,
         seed: int = 0,
@@ -180,7 +300,13 @@ class CrossFitInfoNCE(NCRInfoNCE):
         check_arg("rounds", rounds >= 1, f"must be >= 1, got {rounds}")
         check_arg("score_temperature", score_temperature > 0, f"must be > 0, got {score_temperature}")
         check_arg("features", features in ("pooled", "embeddings"), f"must be pooled or embeddings, got {features!r}")
+        check_arg("posterior", posterior in ("mixture", "lfdr"), f"must be mixture or lfdr, got {posterior!r}")
+        check_arg("null_above", 0 <= null_above < 1, f"must lie in [0, 1), got {null_above}")
         self.folds, self.ridge, self.rounds, self.seed = folds, ridge, rounds, seed
+        self.posterior, self.null_above = posterior, null_above
+        # the share of mismatched pairs of the last fit (posterior lfdr; NaN until then or with mixture)
+        self.register_buffer("noise_estimate", torch.full((), float("nan")))
+        self.register_load_state_dict_pre_hook(_default_noise_estimate)
         self.score_scale = torch.log(torch.tensor(1.0 / score_temperature))
         self.split_source = features
 
@@ -206,8 +332,26 @@ class CrossFitInfoNCE(NCRInfoNCE):
         folds = fold_of(pair_keys(ids_a, ids_b), self.folds, self.seed)
         weights = torch.ones(ids_a.shape[0], dtype=torch.float64, device=a.device)
         for _ in range(self.rounds):
-            losses = agreement_losses(a, b, ids_a, ids_b, folds, weights, self.ridge, self.score_scale, self.block)
-            weights = clean_posterior(losses, self.iterations, reg=self.reg)
+            if self.posterior == "lfdr":
+                p = crossfit_pvalues(a, b, ids_a, ids_b, folds, weights, self.ridge, self.score_scale, self.block)
+                lfdr, pi0 = local_fdr(p, self.null_above)
+                weights = 1.0 - lfdr
+                self.noise_estimate.fill_(pi0)
+            else:
+                losses = agreement_losses(a, b, ids_a, ids_b, folds, weights, self.ridge, self.score_scale, self.block)
+                weights = clean_posterior(losses, self.iterations, reg=self.reg)
         if self.threshold is not None:
             weights = (weights > self.threshold).to(weights.dtype)
         return weights.float()
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """``ncr_infonce``'s weighted InfoNCE; with ``posterior: lfdr`` also the metric ``noise_estimate``."""
+        out = super().forward(outputs, batch)
+        if self.posterior == "lfdr":
+            out.metrics["noise_estimate"] = float(self.noise_estimate)
+        return out
+
+
+def _default_noise_estimate(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before ``noise_estimate`` existed load with it unset (NaN)."""
+    state_dict.setdefault(prefix + "noise_estimate", torch.full((), float("nan")))
