@@ -377,11 +377,10 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
         match = [r for r in rows if r.recipe == argv[2] and sorted(r.overrides()) == kv]
         if not match:
             raise ValueError(f"{run_dir}: `{line}` matches no row")
-        epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         metrics = json.loads((run_dir / "eval.json").read_text())
         adopted[match[0].key] = {
             "command": line,
-            "seconds": sum(e.get("epoch_seconds", 0.0) for e in epochs),
+            "seconds": _wall_seconds(run_dir),
             "adopted": str(run_dir),
             "recipe": match[0].recipe,
             "overrides": match[0].overrides(),
@@ -389,6 +388,21 @@ def adopt(rows: list[Row], run_dirs: list[Path], results: Path, log: Callable[[s
         }
         log(f"adopted {run_dir} as {match[0].key}")
     update_results(results, lambda store: store.setdefault("runs", {}).update(adopted))
+
+
+def _wall_seconds(run_dir: Path) -> float:
+    """Seconds from the run's first start (``command.txt``'s ``# YYYY-MM-DD HH:MM:SS``, local time) to ``eval.json``.
+
+    Wall time, as the sweep's own rows report it (fitting passes and evaluation included); runs
+    whose ``command.txt`` has no start time fall back to the sum of their epochs' ``epoch_seconds``.
+    """
+    first = (run_dir / "command.txt").read_text().splitlines()[0]
+    try:
+        start = time.mktime(time.strptime(" ".join(first.split()[1:3]), "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return float(sum(e.get("epoch_seconds", 0.0) for e in epochs))
+    return (run_dir / "eval.json").stat().st_mtime - start
 
 
 def update_results(results: Path, change: Callable[[dict[str, Any]], object]) -> None:
