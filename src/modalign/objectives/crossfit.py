@@ -224,26 +224,6 @@ def pairing_pvalues(
         return torch.cat(out)
 
 
-def crossfit_pvalues(
-    a: Tensor,
-    b: Tensor,
-    ids_a: Tensor,
-    ids_b: Tensor,
-    folds: Tensor,
-    weights: Tensor,
-    ridge: float,
-    logit_scale: Tensor,
-    block: int = 1024,
-) -> Tensor:
-    """``Tensor[N]``: ``pairing_pvalues`` of the pairs with cross-fitted ridge predictions, no gradient.
-
-    ``a, b`` are centred and normalised (``centred``); ``b_hat`` and ``a_hat`` are the normalised
-    ``crossfit_predictions`` (arguments as ``agreement_losses``).
-    """
-    with torch.no_grad():
-        return pairing_pvalues(*crossfit_views(a, b, folds, weights, ridge), ids_a, ids_b, logit_scale, block)
-
-
 @register("objective", "crossfit_infonce")
 class CrossFitInfoNCE(NCRInfoNCE):
     """InfoNCE weighted by the out-of-sample agreement of each pair (see the module docstring).
@@ -333,7 +313,8 @@ class CrossFitInfoNCE(NCRInfoNCE):
         weights = torch.ones(ids_a.shape[0], dtype=torch.float64, device=a.device)
         for _ in range(self.rounds):
             if self.posterior == "lfdr":
-                p = crossfit_pvalues(a, b, ids_a, ids_b, folds, weights, self.ridge, self.score_scale, self.block)
+                views = crossfit_views(a, b, folds, weights, self.ridge)
+                p = pairing_pvalues(*views, ids_a, ids_b, self.score_scale, self.block)
                 lfdr, pi0 = local_fdr(p, self.null_above)
                 weights = 1.0 - lfdr
                 self.noise_estimate.fill_(pi0)
