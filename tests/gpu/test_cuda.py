@@ -220,14 +220,20 @@ SWEEP |= {f"only:{o}": PAIR for o in ALONE}
 SWEEP["only:ncr_infonce"] = {**PAIR, "warmup_epochs": 1}  # fits its mixture at the epoch-1 start
 SWEEP["only:ncr_rematch"] = {**PAIR, "warmup_epochs": 1}  # fits and re-pairs at the epoch-1 start
 SWEEP["only:crossfit_infonce"] = {**PAIR, "warmup_epochs": 1}  # cross-fits its ridge maps at the epoch-1 start
+# the rank p-values and local false discovery rates (the hull runs on the CPU, the weights come back)
+SWEEP["only:crossfit_infonce/lfdr"] = {**PAIR, "warmup_epochs": 1, "posterior": "lfdr"}
 
 
 def sweep_method(key: str, device: torch.device | str, dtype: torch.dtype) -> Method:
-    """Method ``key`` of ``SWEEP`` on the test model (two towers for the two-modality co-attention)."""
+    """Method ``key`` of ``SWEEP`` on the test model (two towers for the two-modality co-attention).
+
+    Keys: ``method[+fusion]``, or ``only:objective[/variant]`` (a composite of that one objective).
+    """
     name, _, fusion = key.partition("+")
     method = {"name": name, **SWEEP[key]}
     if name.startswith("only:"):
-        method = {"name": "composite", "objectives": [{"name": name.removeprefix("only:"), **SWEEP[key]}]}
+        objective = name.removeprefix("only:").partition("/")[0]
+        method = {"name": "composite", "objectives": [{"name": objective, **SWEEP[key]}]}
     encoders = {m: e for m, e in ENCODERS.items() if fusion != "coattention" or m != "audio"}
     model: dict[str, Any] = {"embed_dim": 8, "encoders": encoders, "head": {"name": "linear"}}
     if fusion:

@@ -15,7 +15,8 @@ from the p-values alone:
 
 ``crossfit_infonce`` uses them on the ranks of noisy pairs (``posterior: lfdr``): a pair whose
 partner was replaced by a random other sample ranks its given partner uniformly among the
-alternatives. Everything here runs without gradient in ``float64``.
+alternatives. Everything here runs without gradient in ``float64`` on the CPU (``N`` values,
+once per fit); ``grenander_density`` and ``local_fdr`` return tensors on ``p``'s device.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 def _check_pvalues(p: Tensor) -> Tensor:
     if p.dim() != 1 or p.shape[0] == 0:
         raise ValueError(f"need p-values of shape [N >= 1], got {tuple(p.shape)}")
-    x = p.detach().to(torch.float64)
+    x = p.detach().to(device="cpu", dtype=torch.float64)  # the hull is a loop over the sorted values
     if bool(((x <= 0) | (x > 1)).any()):
         raise ValueError(f"p-values must lie in (0, 1], got min {float(x.min())}, max {float(x.max())}")
     return x
