@@ -56,7 +56,7 @@ def grenander_density(p: Tensor) -> Tensor:
 
     The empirical distribution function's points ``(0, 0), (u_1, F(u_1)), ..., (u_K, 1)`` (``u``
     the distinct values, sorted) get their least concave majorant (upper hull); the density at a
-    value is the slope of the hull segment ending at or past it (``(x_{h-1}, x_h]``). Equivalently,
+    value is the slope of the hull segment ``(x_{h-1}, x_h]`` that contains it. Equivalently,
     the antitonic regression of the raw slopes ``(F(u_k) - F(u_{k-1})) / (u_k - u_{k-1})``
     weighted by the gaps ``u_k - u_{k-1}``.
 
