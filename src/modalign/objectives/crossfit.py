@@ -199,29 +199,31 @@ def pairing_pvalues(
         raise ValueError(f"pairing_pvalues needs ids_a, ids_b [{n}], got {tuple(ids_a.shape)}, {tuple(ids_b.shape)}")
     with torch.no_grad():
         scale = scale_of(logit_scale.detach()).to(a.dtype)
-        columns = torch.arange(n, device=a.device)
-
-        def scores(rows: Tensor) -> tuple[Tensor, Tensor]:
-            """``S(rows, :) [r, N]`` and whether each ``(row, j)`` shares a content id (``j = row`` included)."""
-            s = 0.5 * scale * (b_hat[rows] @ b.T + a[rows] @ a_hat.T)
-            same = (ids_a[rows, None] == ids_a[None, :]) | (ids_b[rows, None] == ids_b[None, :])
-            return s, same
-
+        blocks = torch.arange(n, device=a.device).split(block)
         column_lse = torch.full((n,), float("-inf"), dtype=a.dtype, device=a.device)
-        for start in range(0, n, block):
-            rows = columns[start : start + block]
-            s, same = scores(rows)
-            s = s.masked_fill(same & (rows[:, None] != columns[None, :]), float("-inf"))
+        for rows in blocks:
+            s, same = _pairing_block(rows, (a, b, a_hat, b_hat), (ids_a, ids_b), scale)
+            s = s.masked_fill(same & (rows[:, None] != torch.arange(n, device=a.device)[None, :]), float("-inf"))
             column_lse = torch.logaddexp(column_lse, torch.logsumexp(s, dim=0))
         out = []
-        for start in range(0, n, block):
-            rows = columns[start : start + block]
-            s, same = scores(rows)
+        for rows in blocks:
+            s, same = _pairing_block(rows, (a, b, a_hat, b_hat), (ids_a, ids_b), scale)
             key = s - 0.5 * column_lse[None, :]  # -l(i, j) up to the row's constant
             own = key[torch.arange(rows.shape[0]), rows]
             beaten = ((key >= own[:, None]) & ~same).sum(dim=1)
             out.append((1.0 + beaten.to(a.dtype)) / (1.0 + (~same).sum(dim=1).to(a.dtype)))
         return torch.cat(out)
+
+
+def _pairing_block(
+    rows: Tensor, views: tuple[Tensor, Tensor, Tensor, Tensor], ids: tuple[Tensor, Tensor], scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``pairing_pvalues``' ``S(rows, :) [r, N]`` and which ``(row, j)`` share a content id (``j = row`` included)."""
+    a, b, a_hat, b_hat = views
+    ids_a, ids_b = ids
+    s = 0.5 * scale * (b_hat[rows] @ b.T + a[rows] @ a_hat.T)
+    same = (ids_a[rows, None] == ids_a[None, :]) | (ids_b[rows, None] == ids_b[None, :])
+    return s, same
 
 
 @register("objective", "crossfit_infonce")
