@@ -215,7 +215,7 @@ SWEEP: dict[str, dict[str, Any]] = {
     "xdc": {**PAIR, "clusters": 3},
 } | {f"gmc+{f}": PAIR for f in available("fusion") if f != "none"}
 ALONE = ["filip", "milnce", "ot_tokens", "pseudo_pairs", "soft_dtw", "soft_infonce", "unimodal_infonce"]
-ALONE += ["weighted_infonce", "window_milnce"]
+ALONE += ["weighted_infonce", "window_milnce", "complementary_infonce", "rince"]
 SWEEP |= {f"only:{o}": PAIR for o in ALONE}
 SWEEP["only:ncr_infonce"] = {**PAIR, "warmup_epochs": 1}  # fits its mixture at the epoch-1 start
 SWEEP["only:ncr_rematch"] = {**PAIR, "warmup_epochs": 1}  # fits and re-pairs at the epoch-1 start

@@ -3,9 +3,9 @@
 Registered names: ``infonce`` (CLIP), ``sigmoid`` (SigLIP), ``multiview`` (CMC/ImageBind),
 ``moco`` (momentum contrast with queues), ``dcl``, ``vicreg``, ``barlow``, ``gmc`` (trains a
 fusion module), the unaligned-data losses (``milnce``, ``soft_infonce``, ``weighted_infonce``,
-``ncr_infonce``, ``ncr_rematch``, ``crossfit_infonce``, ``window_milnce``, ``filip``, ``ot_tokens``,
-``soft_dtw``, ``pseudo_pairs``), within-modality instance
-discrimination (``unimodal_infonce``), and the families added by the modules imported below.
+``ncr_infonce``, ``ncr_rematch``, ``crossfit_infonce``, the bounded ``complementary_infonce``
+and ``rince``, ``window_milnce``, ``filip``, ``ot_tokens``, ``soft_dtw``, ``pseudo_pairs``),
+within-modality instance discrimination (``unimodal_infonce``), and the families added by the modules imported below.
 """
 
 from modalign.objectives.captioning import Captioning, caption_loss, greedy_decode
@@ -24,6 +24,7 @@ from modalign.objectives.noisy_pairs import NCRInfoNCE, split_pair_losses
 from modalign.objectives.noncontrastive import BarlowTwins, VICReg, barlow_twins_loss, vicreg_loss
 from modalign.objectives.pseudo_pairs import PseudoPairs, mine_mnn, mine_ot, pseudo_pair_loss
 from modalign.objectives.rematch import NCRRematch
+from modalign.objectives.robust import RINCE, ComplementaryInfoNCE, complementary_infonce_loss, rince_loss
 from modalign.objectives.sigmoid import SigmoidLoss, sigmoid_loss
 from modalign.objectives.token_alignment import (
     FILIP,
@@ -51,10 +52,12 @@ __all__ = [
     "FILIP",
     "GMC",
     "MILNCE",
+    "RINCE",
     "XDC",
     "AudioVisualCorrespondence",
     "BarlowTwins",
     "Captioning",
+    "ComplementaryInfoNCE",
     "CrossFitInfoNCE",
     "Data2Vec",
     "ImageTextMatching",
@@ -80,6 +83,7 @@ __all__ = [
     "avc_loss",
     "barlow_twins_loss",
     "caption_loss",
+    "complementary_infonce_loss",
     "data2vec_targets",
     "dcl_loss",
     "ema_update",
@@ -99,6 +103,7 @@ __all__ = [
     "pseudo_pair_loss",
     "queue_infonce_loss",
     "random_mask",
+    "rince_loss",
     "sigmoid_loss",
     "soft_dtw_loss",
     "soft_infonce_loss",
