@@ -188,6 +188,7 @@ def test_noise_rate_is_exact_and_noisy_pairs_are_mismatched(noise: float) -> Non
         else:
             assert donor == origin.source and origin.donor is None
     assert sorted(donors) == sorted(noisy_sources)  # a permutation of the noisy pairs
+    assert view.noisy_ids.tolist() == sorted(view[i].id for i in noisy)  # the audit's truth, by sample id
 
 
 def test_noise_on_a_chosen_modality_and_no_noise_without_pairs() -> None:

@@ -1,4 +1,4 @@
-"""The ``modalign`` command line: train, eval, report, embed, generate, recipes, datasets, shards.
+"""The ``modalign`` command line: train, eval, audit-pairs, report, embed, generate, recipes, datasets, shards.
 
 A thin layer over ``modalign.train`` and ``modalign.data``: every command parses options,
 calls one library function and prints its result. Errors that modalign raises on purpose are
@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from modalign.core.errors import ModalignError
+from modalign.core.errors import ConfigError, ModalignError
 from modalign.eval import format_table
 from modalign.train.recipe import load_recipe
 
@@ -116,6 +116,45 @@ def evaluate(
     except (ModalignError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(format_table(metrics))
+
+
+@app.command("audit-pairs")
+def audit_pairs_command(
+    recipe: Annotated[
+        str, typer.Argument(help="A packaged recipe name, a YAML file, or a run directory (its recipe and weights).")
+    ],
+    overrides: OverridesArg = None,
+    modalities: Annotated[
+        str | None, typer.Option("--modalities", help="The two modalities to audit, a,b (default: the dataset's two).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write one CSV row per pair, most suspect first.")] = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Estimate how many training pairs are mismatched, and which (cross-fitted agreement, local FDR).
+
+    Reads the encoders' pooled vectors (a recipe's frozen pretrained encoders, or a run
+    directory's trained ones), scores every pair out of sample as `crossfit_infonce` with
+    `posterior: lfdr` does, and prints the estimated share of mismatched pairs; under
+    data.pair_noise also the AUC, precision and recall against the injected truth.
+    """
+    from modalign.train.audit import audit_recipe_pairs
+    from modalign.train.run import CONFIG_FILE
+
+    try:
+        chosen = tuple(modalities.split(",")) if modalities else None
+        if (Path(recipe) / CONFIG_FILE).is_file():
+            if overrides:
+                raise ConfigError("overrides", f"{recipe} is a run directory: its recipe is used as it was trained")
+            report = audit_recipe_pairs(None, Path(recipe), chosen, data_root=data_root)
+        else:
+            rec = load_recipe(recipe, overrides or [])
+            report = audit_recipe_pairs(rec, None, chosen, data_root=data_root)
+    except (ModalignError, FileNotFoundError) as e:
+        _fail(e)
+    for key, value in report.summary().items():
+        typer.echo(f"{key:>15}  {value:.4f}" if key != "pairs" else f"{key:>15}  {value:.0f}")
+    if out is not None:
+        typer.echo(f"wrote {report.write_csv(out)}")
 
 
 @app.command()

@@ -261,6 +261,7 @@ class PairingView(DatasetView):
         self._donor = np.full(len(kept), -1, dtype=np.int64)
         self._donor[np.searchsorted(kept, noisy)] = donors
         self._first_id = int(ids.max()) + 1 if len(ids) else 0
+        self._noisy_ids = np.sort(ids[noisy])
 
     def _check_modalities(self, dataset: MultimodalDataset) -> None:
         if len(self._names) >= 2:
@@ -298,6 +299,11 @@ class PairingView(DatasetView):
     def noisy_indices(self) -> Tensor:
         """``LongTensor[Q]`` derived indices of the noisy pairs, sorted."""
         return torch.from_numpy(np.flatnonzero(self._donor >= 0))
+
+    @property
+    def noisy_ids(self) -> Tensor:
+        """``LongTensor[Q]`` sample ids of the noisy pairs (they keep their ids), sorted: the truth of a noise audit."""
+        return torch.from_numpy(self._noisy_ids)
 
     def origin(self, index: int) -> Origin:
         """Where derived sample ``index`` comes from (source, its one modality, donor).

@@ -37,6 +37,7 @@ ridge solve is ``D x D`` per fold and direction (``D`` the feature width); the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -226,6 +227,76 @@ def _pairing_block(
     return s, same
 
 
+@dataclass
+class PairAudit:
+    """Which pairs of a split look mismatched (``audit_pairs``).
+
+    Attributes:
+        pvalues: ``Tensor[N]`` rank p-values (``pairing_pvalues``; uniform for a random partner).
+        lfdr: ``Tensor[N]`` local false discovery rates: each pair's posterior of being a mismatch.
+        noise_estimate: Estimated share of mismatched pairs (Storey's ``pi0``).
+    """
+
+    pvalues: Tensor
+    lfdr: Tensor
+    noise_estimate: float
+
+
+def audit_pairs(
+    a: Tensor,
+    b: Tensor,
+    ids_a: Tensor,
+    ids_b: Tensor,
+    folds: int = 5,
+    rounds: int = 2,
+    ridge: float = 1.0,
+    temperature: float = 0.05,
+    null_above: float = 0.5,
+    seed: int = 0,
+    block: int = 1024,
+) -> PairAudit:
+    """Score every pair of a split as ``crossfit_infonce`` with ``posterior: lfdr`` does, without training.
+
+    Folds by ``fold_of(pair_keys(ids_a, ids_b), folds, seed)``; each round fits the cross-fitted
+    ridge maps with the previous round's ``1 - lfdr`` as sample weights (all 1 in the first),
+    takes the rank p-values of the pairs (``pairing_pvalues`` at ``temperature``) and their local
+    false discovery rates (``local_fdr`` with Storey's ``lambda = null_above``). No gradient.
+
+    Args:
+        a: ``Tensor[N, D_a]`` first-modality features of the pairs (e.g. frozen pretrained vectors).
+        b: ``Tensor[N, D_b]`` their partners'.
+        ids_a: ``LongTensor[N]`` content ids of the ``a`` rows (equal ids are never alternatives).
+        ids_b: ``LongTensor[N]`` content ids of the ``b`` rows.
+        folds: Folds of the cross-fitting (>= 2).
+        rounds: Fits (>= 1).
+        ridge: Ridge penalty on centred unit-norm features (> 0).
+        temperature: Scoring temperature (> 0).
+        null_above: Storey's ``lambda``, in ``[0, 1)``.
+        seed: Seed of the folds.
+        block: Rows per scoring block (memory ``block x N``).
+
+    Raises:
+        ValueError: On shapes that do not fit, fewer pairs than folds, or arguments out of range.
+    """
+    n = ids_a.shape[0]
+    if folds < 2 or n < folds or rounds < 1 or ridge <= 0 or temperature <= 0 or not 0 <= null_above < 1:
+        raise ValueError(
+            f"audit_pairs needs folds >= 2 with at least as many pairs, rounds >= 1, ridge > 0, temperature > 0 "
+            f"and null_above in [0, 1); got {n} pairs, folds={folds}, rounds={rounds}, ridge={ridge}, "
+            f"temperature={temperature}, null_above={null_above}"
+        )
+    with torch.no_grad():
+        fold = fold_of(pair_keys(ids_a, ids_b), folds, seed)
+        scale = torch.log(torch.tensor(1.0 / temperature))
+        weights = torch.ones(n, dtype=torch.float64, device=a.device)
+        for _ in range(rounds):
+            views = crossfit_views(a, b, fold, weights, ridge)
+            p = pairing_pvalues(*views, ids_a, ids_b, scale, block)
+            lfdr, pi0 = local_fdr(p, null_above)
+            weights = 1.0 - lfdr
+    return PairAudit(p, lfdr, float(pi0))
+
+
 @register("objective", "crossfit_infonce")
 class CrossFitInfoNCE(NCRInfoNCE):
     """InfoNCE weighted by the out-of-sample agreement of each pair (see the module docstring).
@@ -289,6 +360,7 @@ class CrossFitInfoNCE(NCRInfoNCE):
         # the share of mismatched pairs of the last fit (posterior lfdr; NaN until then or with mixture)
         self.register_buffer("noise_estimate", torch.full((), float("nan")))
         self.register_load_state_dict_pre_hook(_default_noise_estimate)
+        self.score_temperature = score_temperature
         self.score_scale = torch.log(torch.tensor(1.0 / score_temperature))
         self.split_source = features
 
@@ -311,16 +383,15 @@ class CrossFitInfoNCE(NCRInfoNCE):
         """
         if ids_a.numel() < max(2, self.folds):
             return torch.ones(ids_a.shape[0])
-        folds = fold_of(pair_keys(ids_a, ids_b), self.folds, self.seed)
-        weights = torch.ones(ids_a.shape[0], dtype=torch.float64, device=a.device)
-        for _ in range(self.rounds):
-            if self.posterior == "lfdr":
-                views = crossfit_views(a, b, folds, weights, self.ridge)
-                p = pairing_pvalues(*views, ids_a, ids_b, self.score_scale, self.block)
-                lfdr, pi0 = local_fdr(p, self.null_above)
-                weights = 1.0 - lfdr
-                self.noise_estimate.fill_(pi0)
-            else:
+        if self.posterior == "lfdr":
+            audit = audit_pairs(a, b, ids_a, ids_b, self.folds, self.rounds, self.ridge, self.score_temperature,
+                                self.null_above, self.seed, self.block)  # fmt: skip
+            weights = 1.0 - audit.lfdr
+            self.noise_estimate.fill_(audit.noise_estimate)
+        else:
+            folds = fold_of(pair_keys(ids_a, ids_b), self.folds, self.seed)
+            weights = torch.ones(ids_a.shape[0], dtype=torch.float64, device=a.device)
+            for _ in range(self.rounds):
                 losses = agreement_losses(a, b, ids_a, ids_b, folds, weights, self.ridge, self.score_scale, self.block)
                 weights = clean_posterior(losses, self.iterations, reg=self.reg)
         if self.threshold is not None:

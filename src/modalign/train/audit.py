@@ -1,0 +1,194 @@
+"""Audit a recipe's training pairs for mismatches before (or after) training: ``modalign audit-pairs``.
+
+Web-crawled or hand-joined pairs are partly wrong, and a user wants to know how many and which
+before spending a training run on them. ``audit_recipe_pairs`` reads the encoders' pooled
+vectors of every pair of the training split (frozen pretrained encoders as they are, or a
+trained run's encoders) and scores each pair as ``crossfit_infonce`` with ``posterior: lfdr``
+does (``modalign.objectives.crossfit.audit_pairs``): ridge maps between the two modalities
+cross-fitted over folds, the rank p-value of each pair's agreement (uniform for a random
+partner), local false discovery rates and the estimated share of mismatched pairs. Under
+``data.pair_noise`` (injected noise, for measurement) the truth is known and the report adds
+the AUC and the precision and recall of the flagged pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+
+from modalign.core.errors import ConfigError
+from modalign.data.base import MultimodalDataset
+from modalign.data.pairing import PairingView
+from modalign.methods import Method
+from modalign.objectives.cluster_tables import embed_training_split
+from modalign.objectives.crossfit import PairAudit, audit_pairs
+from modalign.train.build import build_method, build_train_split, make_loader
+from modalign.train.recipe import Recipe
+from modalign.train.run import load_artifacts, load_run
+
+
+@dataclass
+class PairAuditReport:
+    """The audit of a training split's pairs (one row per pair holding both modalities).
+
+    Attributes:
+        modalities: The two audited modalities ``(a, b)``.
+        sample_ids: ``LongTensor[N]`` the pairs' sample ids.
+        content: ``(LongTensor[N], LongTensor[N])`` content ids of their ``a`` and ``b`` values.
+        audit: p-values, local false discovery rates and the estimated share of mismatches.
+        injected: ``BoolTensor[N]`` pairs made wrong by ``data.pair_noise``, or ``None`` (truth unknown).
+    """
+
+    modalities: tuple[str, str]
+    sample_ids: Tensor
+    content: tuple[Tensor, Tensor]
+    audit: PairAudit
+    injected: Tensor | None = None
+
+    def flagged(self, above: float = 0.5) -> Tensor:
+        """``BoolTensor[N]``: pairs whose posterior of being a mismatch (lfdr) exceeds ``above``."""
+        return self.audit.lfdr > above
+
+    def summary(self) -> dict[str, float]:
+        """``pairs``, ``noise_estimate``, ``flagged``; with the truth ``injected``, ``auc``, ``precision``, ``recall``.
+
+        ``auc``: the probability that an injected pair has a higher p-value than a clean one (ties
+        half); precision and recall of the flagged pairs (lfdr > 0.5) against the injected ones.
+        """
+        flagged = self.flagged()
+        out = {
+            "pairs": float(self.sample_ids.numel()),
+            "noise_estimate": self.audit.noise_estimate,
+            "flagged": float(flagged.double().mean()) if flagged.numel() else 0.0,
+        }
+        if self.injected is None:
+            return out
+        truth = self.injected.cpu()
+        out["injected"] = float(truth.double().mean())
+        if 0 < int(truth.sum()) < truth.numel():
+            out["auc"] = float(roc_auc_score(truth.numpy(), self.audit.pvalues.cpu().numpy()))
+        hits = int((flagged.cpu() & truth).sum())
+        out["precision"] = hits / int(flagged.sum()) if int(flagged.sum()) else float("nan")
+        out["recall"] = hits / int(truth.sum()) if int(truth.sum()) else float("nan")
+        return out
+
+    def write_csv(self, path: Path) -> Path:
+        """One row per pair, most suspect first: sample id, content ids, p-value, lfdr, flagged (and injected)."""
+        a, b = self.modalities
+        order = torch.argsort(self.audit.lfdr.cpu(), descending=True, stable=True).tolist()
+        header = ["sample_id", f"content_{a}", f"content_{b}", "p_value", "lfdr", "flagged"]
+        header += ["injected"] if self.injected is not None else []
+        columns = [self.sample_ids, *self.content, self.audit.pvalues, self.audit.lfdr, self.flagged()]
+        columns += [self.injected] if self.injected is not None else []
+        lists = [c.cpu().tolist() for c in columns]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i in order:
+                writer.writerow([_cell(col[i]) for col in lists])
+        return path
+
+
+def _cell(value: object) -> object:
+    return f"{value:.6g}" if isinstance(value, float) else int(value) if isinstance(value, bool) else value
+
+
+def pairing_view(dataset: object) -> PairingView | None:
+    """The ``PairingView`` inside ``dataset``'s chain of views, if any."""
+    while dataset is not None:
+        if isinstance(dataset, PairingView):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def audit_modalities(dataset: MultimodalDataset, modalities: tuple[str, ...] | None) -> tuple[str, str]:
+    """The two modalities to audit: ``modalities``, or the dataset's two.
+
+    Raises:
+        ConfigError: At ``--modalities`` unless two distinct modalities of the dataset are named
+            (or, without it, the dataset has exactly two).
+    """
+    names = tuple(sorted(dataset.modalities))
+    chosen = modalities or names
+    if len(chosen) != 2 or len(set(chosen)) != 2 or not set(chosen) <= set(names):
+        raise ConfigError("--modalities", f"name two of the dataset's modalities {list(names)}, got {list(chosen)}")
+    return chosen[0], chosen[1]
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """``audit_pairs``' settings (the defaults are ``crossfit_infonce``'s)."""
+
+    folds: int = 5
+    rounds: int = 2
+    ridge: float = 1.0
+    temperature: float = 0.05
+    null_above: float = 0.5
+    seed: int = 0
+
+
+def audit_recipe_pairs(
+    recipe: Recipe | None,
+    run_dir: Path | None = None,
+    modalities: tuple[str, ...] | None = None,
+    options: AuditOptions = AuditOptions(),
+    data_root: Path | None = None,
+) -> PairAuditReport:
+    """Audit the pairs of ``recipe``'s training split, or of ``run_dir``'s with its trained encoders.
+
+    Reads each encoder's pooled vector (before its head) in one pass without augmentation, keeps
+    the rows holding both modalities and runs ``audit_pairs`` on them with ``options``.
+    ``data_root`` overrides ``data.root``.
+
+    Raises:
+        ConfigError: As ``audit_modalities``; at ``--modalities`` if an encoder has no width ``dim``
+            or fewer rows than folds hold both modalities; at ``train.shards`` for a shard stream.
+        ValueError: If neither or both of ``recipe`` and ``run_dir`` are given.
+    """
+    if (recipe is None) == (run_dir is None):
+        raise ValueError("audit_recipe_pairs needs a recipe or a run directory, not both")
+    root = str(data_root.resolve()) if data_root is not None else None
+    if run_dir is not None:
+        recipe, method = load_run(run_dir, root)
+        dataset = build_train_split(recipe, artifacts=load_artifacts(run_dir), augment=False)
+    else:
+        assert recipe is not None
+        if root is not None:
+            recipe.data = {**recipe.data, "root": root}
+        dataset = build_train_split(recipe, augment=False)
+        method = build_method(recipe, dataset.modalities)
+    if not isinstance(dataset, MultimodalDataset):
+        raise ConfigError("train.shards", "the audit reads a dataset split, not a stream of shards")
+    pair = audit_modalities(dataset, modalities)
+    loader = make_loader(dataset, recipe.eval.batch_size, shuffle=False, num_workers=recipe.train.num_workers)
+    rows = embed_training_split(method.model, loader, pair, _widths(method, pair), source="pooled")
+    both = rows.present[pair[0]] & rows.present[pair[1]]
+    content = (rows.content[pair[0]][both], rows.content[pair[1]][both])
+    if int(both.sum()) < max(2, options.folds):
+        raise ConfigError(
+            "--modalities", f"{int(both.sum())} rows hold both {list(pair)}: too few for {options.folds} folds"
+        )
+    features = rows.embeddings[pair[0]][both], rows.embeddings[pair[1]][both]
+    audit = audit_pairs(*features, *content, **asdict(options))
+    view = pairing_view(dataset)
+    injected = torch.isin(rows.ids[both], view.noisy_ids) if view is not None and view.pair_noise > 0 else None
+    return PairAuditReport(pair, rows.ids[both], content, audit, injected)
+
+
+def _widths(method: Method, pair: tuple[str, str]) -> dict[str, int]:
+    """The pooled widths of the two encoders.
+
+    Raises:
+        ConfigError: At ``--modalities`` if an encoder has no width ``dim``.
+    """
+    widths = {m: int(getattr(method.model.encoders[m], "dim", 0)) for m in pair}
+    if 0 in widths.values():
+        raise ConfigError("--modalities", f"the audit reads the encoders' pooled vectors; widths {widths}")
+    return widths
