@@ -132,6 +132,9 @@ def test_command_reports_the_truth_and_writes_the_pairs_most_suspect_first(tmp_p
     wrong = [r["content_image"] != r["content_caption"] for r in rows]  # a manifest row is one content
     assert [r["injected"] == "1" for r in rows] == wrong
     assert all(math.isfinite(float(r["p_value"])) for r in rows)
+    names = list(COLOURS)  # the manifest lists 25 rows per colour, sample id = row
+    # the noise replaces the second modality in sorted order (image): every pair holds its own caption
+    assert all(r["text_caption"] == f"a {names[int(r['sample_id']) // 25]} patch" for r in rows)
 
 
 def test_command_without_noise_has_no_truth_and_names_bad_modalities(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ the AUC and the precision and recall of the flagged pairs.
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,8 @@ class PairAuditReport:
         content: ``(LongTensor[N], LongTensor[N])`` content ids of their ``a`` and ``b`` values.
         audit: p-values, local false discovery rates and the estimated share of mismatches.
         injected: ``BoolTensor[N]`` pairs made wrong by ``data.pair_noise``, or ``None`` (truth unknown).
+        indices: ``LongTensor[N]`` the pairs' indices in ``dataset``, or ``None``.
+        dataset: The audited split, whose text previews ``write_csv`` adds, or ``None``.
     """
 
     modalities: tuple[str, str]
@@ -49,6 +51,8 @@ class PairAuditReport:
     content: tuple[Tensor, Tensor]
     audit: PairAudit
     injected: Tensor | None = None
+    indices: Tensor | None = None
+    dataset: MultimodalDataset | None = field(default=None, repr=False)
 
     def flagged(self, above: float = 0.5) -> Tensor:
         """``BoolTensor[N]``: pairs whose posterior of being a mismatch (lfdr) exceeds ``above``."""
@@ -78,14 +82,21 @@ class PairAuditReport:
         return out
 
     def write_csv(self, path: Path) -> Path:
-        """One row per pair, most suspect first: sample id, content ids, p-value, lfdr, flagged (and injected)."""
+        """One row per pair, most suspect first.
+
+        Columns: sample id, content ids, p-value, lfdr, flagged, ``injected`` when the truth is
+        known, and ``text_<m>`` for each audited text modality when the dataset is known (its
+        previews: the text a pair really holds, a noisy pair's donor's).
+        """
         a, b = self.modalities
         order = torch.argsort(self.audit.lfdr.cpu(), descending=True, stable=True).tolist()
         header = ["sample_id", f"content_{a}", f"content_{b}", "p_value", "lfdr", "flagged"]
-        header += ["injected"] if self.injected is not None else []
         columns = [self.sample_ids, *self.content, self.audit.pvalues, self.audit.lfdr, self.flagged()]
-        columns += [self.injected] if self.injected is not None else []
-        lists = [c.cpu().tolist() for c in columns]
+        if self.injected is not None:
+            header, columns = [*header, "injected"], [*columns, self.injected]
+        lists: list[list[object]] = [c.cpu().tolist() for c in columns]
+        texts = self._texts()
+        header, lists = header + [f"text_{m}" for m in texts], lists + list(texts.values())
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -93,6 +104,17 @@ class PairAuditReport:
             for i in order:
                 writer.writerow([_cell(col[i]) for col in lists])
         return path
+
+    def _texts(self) -> dict[str, list[object]]:
+        """``{modality: [text of each pair]}`` for the audited text modalities (none without the dataset)."""
+        if self.dataset is None or self.indices is None:
+            return {}
+        kinds = self.dataset.modalities
+        chosen = [m for m in self.modalities if kinds[m].kind == "text"]
+        if not chosen:
+            return {}
+        previews = [self.dataset.previews(i) for i in self.indices.tolist()]
+        return {m: [p[m].value if m in p else "" for p in previews] for m in chosen}
 
 
 def _cell(value: object) -> object:
@@ -179,7 +201,8 @@ def audit_recipe_pairs(
     audit = audit_pairs(*features, *content, **asdict(options))
     view = pairing_view(dataset)
     injected = torch.isin(rows.ids[both], view.noisy_ids) if view is not None and view.pair_noise > 0 else None
-    return PairAuditReport(pair, rows.ids[both], content, audit, injected)
+    indices = torch.arange(both.shape[0])[both.cpu()]  # one unshuffled pass: row r is sample r
+    return PairAuditReport(pair, rows.ids[both], content, audit, injected, indices, dataset)
 
 
 def _widths(method: Method, pair: tuple[str, str]) -> dict[str, int]:
