@@ -200,11 +200,12 @@ def pairing_pvalues(
         raise ValueError(f"pairing_pvalues needs ids_a, ids_b [{n}], got {tuple(ids_a.shape)}, {tuple(ids_b.shape)}")
     with torch.no_grad():
         scale = scale_of(logit_scale.detach()).to(a.dtype)
-        blocks = torch.arange(n, device=a.device).split(block)
+        every = torch.arange(n, device=a.device)
+        blocks = every.split(block)
         column_lse = torch.full((n,), float("-inf"), dtype=a.dtype, device=a.device)
         for rows in blocks:
             s, same = _pairing_block(rows, (a, b, a_hat, b_hat), (ids_a, ids_b), scale)
-            s = s.masked_fill(same & (rows[:, None] != torch.arange(n, device=a.device)[None, :]), float("-inf"))
+            s = s.masked_fill(same & (rows[:, None] != every[None, :]), float("-inf"))
             column_lse = torch.logaddexp(column_lse, torch.logsumexp(s, dim=0))
         out = []
         for rows in blocks:
