@@ -118,10 +118,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_command_reports_the_truth_and_writes_the_pairs_most_suspect_first(tmp_path: Path) -> None:
     """Untrained towers: a colour's images share one random pooled vector, its captions another."""
     out = tmp_path / "audit.csv"
-    args = ["audit-pairs", *recipe_args(tmp_path), "data.pair_noise=0.4", "--out", str(out)]
+    page = tmp_path / "audit.html"
+    args = ["audit-pairs", *recipe_args(tmp_path), "data.pair_noise=0.4", "--out", str(out), "--html", str(page)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    summary = {line.split()[0]: float(line.split()[1]) for line in result.output.splitlines()[:-1]}
+    summary = {line.split()[0]: float(line.split()[1]) for line in result.output.splitlines()[:-2]}
     assert summary["pairs"] == 200 and summary["injected"] == 0.4
     # 8 colours: a random partner is of the right colour 1 time in 8 (measured: AUC 0.95, estimate 0.46)
     assert summary["auc"] > 0.9 and summary["noise_estimate"] == pytest.approx(0.4, abs=0.1)
@@ -135,6 +136,11 @@ def test_command_reports_the_truth_and_writes_the_pairs_most_suspect_first(tmp_p
     names = list(COLOURS)  # the manifest lists 25 rows per colour, sample id = row
     # the noise replaces the second modality in sorted order (image): every pair holds its own caption
     assert all(r["text_caption"] == f"a {names[int(r['sample_id']) // 25]} patch" for r in rows)
+    text = page.read_text()
+    suspect = text[text.index('id="suspect"') : text.index('id="trusted"')]
+    assert suspect.count('<img class="thumb"') == 40 and suspect.count("patch</div>") == 40  # both values shown
+    assert suspect.count('<td class="num">yes</td>') >= 36  # the 40 most suspect are nearly all injected
+    assert "http" not in text.replace("http-equiv", "")  # self-contained
 
 
 def test_command_without_noise_has_no_truth_and_names_bad_modalities(tmp_path: Path) -> None:

@@ -128,6 +128,9 @@ def audit_pairs_command(
         str | None, typer.Option("--modalities", help="The two modalities to audit, a,b (default: the dataset's two).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write one CSV row per pair, most suspect first.")] = None,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Write a page showing the most and least suspect pairs' values.")
+    ] = None,
     data_root: DataRootOpt = None,
 ) -> None:
     """Estimate how many training pairs are mismatched, and which (cross-fitted agreement, local FDR).
@@ -155,6 +158,8 @@ def audit_pairs_command(
         typer.echo(f"{key:>15}  {value:.4f}" if key != "pairs" else f"{key:>15}  {value:.0f}")
     if out is not None:
         typer.echo(f"wrote {report.write_csv(out)}")
+    if html_out is not None:
+        typer.echo(f"wrote {report.write_html(html_out)}")
 
 
 @app.command()

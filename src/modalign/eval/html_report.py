@@ -327,17 +327,28 @@ def render_report(inputs: ReportInputs) -> str:
         "config": ("Resolved config", f"<pre>{html.escape(inputs.config_text)}</pre>"),
         "command": ("Command", f"<pre>{html.escape(command)}</pre>" if command else "<p>not recorded</p>"),
     }
-    sections = "\n".join(_section(sid, *bodies[sid]) for sid in SECTIONS)
     mods = ", ".join(inputs.test.modalities)
-    summary = f"{len(inputs.test)} test samples; modalities {mods}; written {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    return _PAGE.substitute(title=html.escape(inputs.title), summary=html.escape(summary), sections=sections)
+    summary = f"{len(inputs.test)} test samples; modalities {mods}"
+    return render_page(inputs.title, summary, [(sid, *bodies[sid]) for sid in SECTIONS])
+
+
+def render_page(title: str, summary: str, sections: Sequence[tuple[str, str, str]]) -> str:
+    """A self-contained page: ``title``, ``summary`` (time written added), ``(id, heading, body HTML)`` sections."""
+    body = "\n".join(_section(*section) for section in sections)
+    line = f"{summary}; written {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    return _PAGE.substitute(title=html.escape(title), summary=html.escape(line), sections=body)
+
+
+def write_page(text: str, out: str | Path) -> Path:
+    """Write a page to ``out`` atomically (parents created); returns the path."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def write_report(inputs: ReportInputs, out: str | Path) -> Path:
     """Render the report and write it to ``out`` atomically (parents created); returns the path."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(render_report(inputs), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_page(render_report(inputs), out)

@@ -14,6 +14,7 @@ the AUC and the precision and recall of the flagged pairs.
 from __future__ import annotations
 
 import csv
+import html
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import Tensor
 from modalign.core.errors import ConfigError
 from modalign.data.base import MultimodalDataset
 from modalign.data.pairing import PairingView
+from modalign.eval.html_report import metrics_table, preview_html, render_page, write_page
 from modalign.methods import Method
 from modalign.objectives.cluster_tables import embed_training_split
 from modalign.objectives.crossfit import PairAudit, audit_pairs
@@ -104,6 +106,57 @@ class PairAuditReport:
             for i in order:
                 writer.writerow([_cell(col[i]) for col in lists])
         return path
+
+    def write_html(self, path: Path, top: int = 40, trusted: int = 10) -> Path:
+        """A self-contained page: the summary, the ``top`` most suspect pairs and the ``trusted`` least, values shown.
+
+        Each pair shows both values as the pair holds them (``dataset.previews``: images, audio
+        players, text), its p-value and local FDR, and whether it was injected when known.
+
+        Raises:
+            ValueError: Without the dataset (``indices``/``dataset`` unset).
+        """
+        if self.dataset is None or self.indices is None:
+            raise ValueError("write_html needs the audited dataset (PairAuditReport.dataset and .indices)")
+        order = torch.argsort(self.audit.lfdr.cpu(), descending=True, stable=True).tolist()
+        a, b = self.modalities
+        sections = [
+            ("summary", "Summary", metrics_table(self.summary())),
+            ("suspect", f"The {min(top, len(order))} most suspect pairs", self._pairs_html(order[:top])),
+            ("trusted", f"The {min(trusted, len(order))} least suspect pairs", self._pairs_html(order[::-1][:trusted])),
+        ]
+        summary = (
+            f"{len(order)} pairs of {a} and {b}; estimated share of mismatched pairs {self.audit.noise_estimate:.3f}"
+        )
+        return write_page(render_page("Pair audit", summary, sections), path)
+
+    def _pairs_html(self, rows: list[int]) -> str:
+        """A table of the pairs ``rows`` (positions in this report) with their previews."""
+        assert self.dataset is not None and self.indices is not None
+        a, b = self.modalities
+        known = self.injected is not None
+        head = "<tr><th>pair</th><th>sample id</th><th>p-value</th><th>lfdr</th>" + (
+            "<th>injected</th>" if known else ""
+        )
+        lines = [f"<table>{head}<th>{html.escape(a)}</th><th>{html.escape(b)}</th></tr>"]
+        for rank, r in enumerate(rows, 1):
+            previews = self.dataset.previews(int(self.indices[r]))
+            cells = [
+                str(rank),
+                str(int(self.sample_ids[r])),
+                f"{float(self.audit.pvalues[r]):.4f}",
+                f"{float(self.audit.lfdr[r]):.3f}",
+            ]
+            if self.injected is not None:
+                cells.append("yes" if bool(self.injected[r]) else "no")
+            shown = [preview_html(previews[m]) if m in previews else "" for m in (a, b)]
+            lines.append(
+                "<tr>"
+                + "".join(f'<td class="num">{c}</td>' for c in cells)
+                + "".join(f"<td>{v}</td>" for v in shown)
+                + "</tr>"
+            )
+        return "\n".join([*lines, "</table>"])
 
     def _texts(self) -> dict[str, list[object]]:
         """``{modality: [text of each pair]}`` for the audited text modalities (none without the dataset)."""
