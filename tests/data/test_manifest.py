@@ -314,3 +314,25 @@ def test_holdout_keeps_the_rows_of_one_id_together(tmp_path: Path, rows: list[di
     assert len(te) == 4 and {groups[i] for i in te}.isdisjoint({groups[i] for i in tr})
     with pytest.raises(DataError, match="2 distinct ids"):
         holdout_split(3, 0, ["same"] * 3)
+
+
+def test_raw_inputs_for_pretrained_encoders(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Text inline, images from their files at their own size, audio decoded; rows without a value have no content."""
+    from modalign.core.errors import DataError
+    from modalign.data.raw import Waveform
+
+    rows[2]["caption"] = ""
+    del rows[3]["photo"]
+    ds = _dataset(_write_jsonl(tmp_path / "m.jsonl", rows))
+    assert ds.raw_count("caption") == 9 and ds.raw_count("photo") == 9 and ds.raw_count("sound") == 10
+    assert [ds.raw_index(i, "caption") for i in (0, 1, 3, 4)] == [0, 1, 2, 3]  # row 2 has no caption
+    assert ds.raw_value(ds.raw_index(4, "caption"), "caption") == rows[4]["caption"]
+    pixels = ds.raw_value(ds.raw_index(5, "photo"), "photo")
+    assert isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "img/5.png").convert("RGB")))  # 17 x 10, not 16
+    wave = ds.raw_value(ds.raw_index(6, "sound"), "sound")
+    assert isinstance(wave, Waveform) and wave.sample_rate == 8000 and wave.samples.shape == (2600,)
+    with pytest.raises(DataError, match=r"row 3.*caption.*no value"):
+        ds.raw_index(2, "caption")
+    with pytest.raises(NotImplementedError, match="raw 'motion'"):
+        ds.raw_count("motion")

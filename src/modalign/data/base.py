@@ -127,7 +127,7 @@ class MultimodalDataset(Dataset[Sample], ABC):
     def _no_raw(self, modality: str) -> str:
         return (
             f"dataset {type(self).__name__} gives no raw {modality!r} inputs, which pretrained encoders read; "
-            "datasets with raw inputs: emoji, av-digits"
+            "datasets with raw inputs: emoji, av-digits, manifest (text, image and audio columns)"
         )
 
 

@@ -69,8 +69,9 @@ from modalign.data.manifest_io import (
     stable_id,
 )
 from modalign.data.preview import Preview, sample_previews
+from modalign.data.raw import RAW_KINDS, RawValue, Waveform
 from modalign.data.transforms.audio import AudioTransform, load_audio
-from modalign.data.transforms.image import ImageTransform, load_image
+from modalign.data.transforms.image import ImageTransform, load_image, rgb_pixels
 from modalign.data.transforms.series import SeriesTransform
 from modalign.data.transforms.text import TextTokenizer, TextTransform, TokenizerModel, TokenizerSettings
 
@@ -163,6 +164,7 @@ class ManifestDataset(MultimodalDataset):
         self.image_tf = ImageTransform(image_size, image_channels, augment=self.augment)
         self.audio_tf = AudioTransform(sample_rate, max_seconds, n_mels, n_fft, hop_length, augment=self.augment)
         self._rows = self._decode_rows(rows, self._split_indices(rows, test_file is None))
+        self._raw: dict[str, np.ndarray] = {}  # per column: the rows holding a value (raw inputs)
         settings = TokenizerSettings(model=tokenizer, vocab_size=vocab_size, min_frequency=min_frequency)
         self._fit(artifacts or {}, settings, max_tokens)
 
@@ -420,6 +422,54 @@ class ManifestDataset(MultimodalDataset):
             if self.kinds[col] == "audio":
                 out[col] = Preview("audio", raw.numpy(), self.sample_rate)
         return out
+
+    def raw_count(self, modality: str) -> int:
+        """The rows holding a ``modality`` value, one content each (the feature cache keys by value)."""
+        return len(self._raw_rows(modality))
+
+    def raw_value(self, content: int, modality: str) -> RawValue:
+        """The raw value of the ``content``-th row holding ``modality``.
+
+        ``text``: the inline text; ``image``: the file at its own size, ``uint8 [H, W, 3]`` on
+        white; ``audio``: the decoded waveform at ``sample_rate``.
+
+        Raises:
+            NotImplementedError: For a ``series`` or ``vector`` column (no pretrained encoder reads them).
+        """
+        row = self._rows[self._raw_rows(modality)[content]]
+        kind = self.kinds[modality]
+        if kind == "image":
+            return rgb_pixels(load_image(Path(row.sources[modality])))
+        if kind == "audio":
+            return Waveform(row.values[modality].numpy(), self.sample_rate)
+        return row.sources[modality]  # the inline text itself (``values`` holds its tokens)
+
+    def raw_index(self, index: int, modality: str) -> int:
+        """The content of sample ``index``'s ``modality`` value: its rank among the rows holding one.
+
+        Raises:
+            DataError: If sample ``index`` has no ``modality`` value.
+        """
+        rows = self._raw_rows(modality)
+        position = int(np.searchsorted(rows, index))
+        if position == len(rows) or rows[position] != index:
+            where = self._where(self._rows[index].number, modality, None)
+            raise DataError(f"{where}: the row has no value to encode")
+        return position
+
+    def _raw_rows(self, modality: str) -> np.ndarray:
+        """Sorted indices of the rows holding a ``modality`` value (computed once per column).
+
+        Raises:
+            NotImplementedError: For a kind pretrained encoders do not read raw (series, vector).
+        """
+        if self.kinds[modality] not in RAW_KINDS:
+            raise NotImplementedError(self._no_raw(modality))
+        if modality not in self._raw:
+            self._raw[modality] = np.array(
+                [i for i, r in enumerate(self._rows) if modality in r.values], dtype=np.int64
+            )
+        return self._raw[modality]
 
     def __getitem__(self, index: int) -> Sample:
         row = self._rows[index]
