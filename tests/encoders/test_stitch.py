@@ -299,4 +299,8 @@ def test_audit_pairs_of_a_manifest_through_frozen_pretrained_towers(
     assert summary["pairs"] == 89  # the row without a caption is not a pair
     # 6 colours: a random partner has the right colour 1 time in 6 (measured: AUC 0.93, estimate 0.27)
     assert summary["auc"] > 0.9 and summary["noise_estimate"] == pytest.approx(0.3, abs=0.1)
-    assert "text_caption" in out.read_text().splitlines()[0]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("manifest_row,") and "text_caption" in lines[0]
+    for line in lines[1:]:  # the row numbers point back into the user's file
+        number, caption = int(line.split(",")[0]), line.split(",")[-1]
+        assert caption == rows[number - 1]["caption"]

@@ -99,6 +99,9 @@ class PairAuditReport:
         lists: list[list[object]] = [c.cpu().tolist() for c in columns]
         texts = self._texts()
         header, lists = header + [f"text_{m}" for m in texts], lists + list(texts.values())
+        numbers = self._manifest_rows()
+        if numbers is not None:
+            header, lists = ["manifest_row", *header], [numbers, *lists]
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -157,6 +160,18 @@ class PairAuditReport:
                 + "</tr>"
             )
         return "\n".join([*lines, "</table>"])
+
+    def _manifest_rows(self) -> list[object] | None:
+        """Each pair's 1-based data row in its manifest file (``manifest`` datasets only), else ``None``."""
+        if self.dataset is None or self.indices is None:
+            return None
+        view, inner = pairing_view(self.dataset), self.dataset
+        while not hasattr(inner, "row_number") and hasattr(inner, "dataset"):
+            inner = inner.dataset
+        if not hasattr(inner, "row_number"):
+            return None
+        sources = [view.origin(i).source if view is not None else i for i in self.indices.tolist()]
+        return [inner.row_number(i) for i in sources]
 
     def _texts(self) -> dict[str, list[object]]:
         """``{modality: [text of each pair]}`` for the audited text modalities (none without the dataset)."""
