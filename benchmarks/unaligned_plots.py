@@ -50,9 +50,12 @@ def plot_noise(datasets: list[str], store: dict[str, Any], out: Path) -> Path:
             pts = [
                 (100 * n, figure(r, runs.get(r.key))) for n in NOISES for r in [Row("noise", dataset, method, noise=n)]
             ]
+            if method.oracle:  # no oracle row at 0%: its clean pairs are InfoNCE's
+                pts[0] = (0.0, figure(r0 := Row("noise", dataset, NOISE_METHODS[0]), runs.get(r0.key)))
             pts = [(x, y) for x, y in pts if y is not None]
-            if pts:  # a method not run on this dataset gets no legend entry
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.name)
+            if len(pts) > int(method.oracle):  # a method not run on this dataset gets no legend entry
+                style = {"ls": ":", "color": "black", "marker": "s"} if method.oracle else {"marker": "o"}
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method.name, **style)
         ax.axhline(d["chance"], color="black", lw=0.8, ls="--", label="chance")
         ax.set_xlabel("training pairs replaced by a random partner (%)")
         ax.set_ylabel(f"{d['metric']} (mean of both directions)")
