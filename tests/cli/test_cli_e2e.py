@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from modalign.cli.main import app
+from support.colours import COLOURS, colour_rows
 
 runner = CliRunner()
 
@@ -164,37 +165,9 @@ def test_basicmotions_methods_beat_chance(data_root, tmp_path, extra):
     assert metrics["gyro->accel/R@1"] >= 0.15, metrics
 
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "yellow": (230, 220, 30),
-    "black": (10, 10, 10),
-    "white": (245, 245, 245),
-    "purple": (140, 30, 160),
-    "orange": (250, 140, 20),
-}
-
-
-def _colour_manifest(folder, n_per_colour: int, seed: int) -> list[dict]:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name, rgb in COLOURS.items():
-        for i in range(n_per_colour):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype("uint8")
-            path = folder / f"{name}-{seed}-{i}.png"
-            Image.fromarray(pixels).save(path)
-            shade = rng.choice(["a", "one", "this", "the"])
-            rows.append({"image": path.name, "caption": f"{shade} {name} patch", "colour": name})
-    return rows
-
-
 def test_manifest_train_and_embed_new_file(tmp_path):
-    train_rows = _colour_manifest(tmp_path, 12, seed=0)
-    test_rows = _colour_manifest(tmp_path, 4, seed=1)
+    train_rows = colour_rows(tmp_path, 12, seed=0)
+    test_rows = colour_rows(tmp_path, 4, seed=1)
     for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = (

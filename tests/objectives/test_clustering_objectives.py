@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -504,15 +503,6 @@ def train_hidden(entry: dict, epochs: int = 20, batch_size: int = 64) -> tuple[f
             method.after_step(StepContext(step, epoch, epochs * per_epoch, per_epoch))
     raw = cluster_scores(kmeans_assignments(x, 4, n_init=3), labels)["nmi"]
     return raw, before, nmi("x"), nmi("y")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one intra-op thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

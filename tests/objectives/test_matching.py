@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -441,15 +440,6 @@ def test_presets_expand_to_their_objectives() -> None:
         expand_method({"name": "itm", "itm_weight": -1})
     with pytest.raises(ConfigError, match=r"method\.head"):
         expand_method({"name": "avc", "head": "bilinear"})
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread than on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SPECS = {"text": ModalitySpec("vector", channels=8), "image": ModalitySpec("vector", channels=8)}

@@ -10,7 +10,7 @@ configuration errors, and a tiny real run that must beat chance.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -208,14 +208,6 @@ def test_registered_names_and_configuration_errors() -> None:
 
 
 # ---------------------------------------------------------------- a tiny real run
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_top1(objective: dict, steps: int = 150) -> float:

@@ -8,7 +8,7 @@ ragged soft-DTW against ``alignment.soft_dtw_divergence`` on trimmed sequences.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -698,15 +698,6 @@ def test_gradient_caching_equals_the_full_batch_step(name: str) -> None:
     assert grads.keys() == want.keys()
     for k, v in want.items():
         torch.testing.assert_close(grads[k], v, rtol=1e-8, atol=1e-12)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread than on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 MIX = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))[0]

@@ -12,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 
 from modalign.cli.main import app
 from modalign.objectives.crossfit import CrossFitInfoNCE, audit_pairs
+from support.colours import COLOURS, colour_rows
 
 runner = CliRunner()
 
@@ -71,31 +71,11 @@ def test_audit_bad_arguments_raise(kwargs: dict[str, float]) -> None:
 
 # ---------------------------------------------------------------- the command
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 60, 220),
-    "yellow": (230, 220, 40),
-    "purple": (140, 40, 170),
-    "white": (240, 240, 240),
-    "black": (15, 15, 15),
-    "orange": (250, 140, 20),
-}
-
 
 def colour_manifest(folder: Path, n_per_colour: int) -> Path:
-    """A JSONL manifest of noisy solid-colour images captioned with their colour's name."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for name, rgb in COLOURS.items():
-        for i in range(n_per_colour):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(folder / f"{name}-{i}.png")
-            rows.append({"image": f"{name}-{i}.png", "caption": f"a {name} patch", "colour": name})
+    """``colour_rows`` written as a JSONL manifest."""
     path = folder / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in colour_rows(folder, n_per_colour, seed=0)))
     return path
 
 
@@ -133,9 +113,9 @@ def test_command_reports_the_truth_and_writes_the_pairs_most_suspect_first(tmp_p
     wrong = [r["content_image"] != r["content_caption"] for r in rows]  # a manifest row is one content
     assert [r["injected"] == "1" for r in rows] == wrong
     assert all(math.isfinite(float(r["p_value"])) for r in rows)
-    names = list(COLOURS)  # the manifest lists 25 rows per colour, sample id = row
+    names = list(COLOURS)  # the manifest lists 25 rows per colour, sample id = row index
     # the noise replaces the second modality in sorted order (image): every pair holds its own caption
-    assert all(r["text_caption"] == f"a {names[int(r['sample_id']) // 25]} patch" for r in rows)
+    assert all(f" {names[int(r['sample_id']) // 25]} patch" in r["text_caption"] for r in rows)
     text = page.read_text()
     suspect = text[text.index('id="suspect"') : text.index('id="trusted"')]
     assert suspect.count('<img class="thumb"') == 40 and suspect.count("patch</div>") == 40  # both values shown
