@@ -11,17 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from modalign.cli.main import app
+from support.colours import COLOURS as ALL_COLOURS
 
 runner = CliRunner()
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "yellow": (230, 220, 30),
-    "black": (10, 10, 10),
-    "white": (245, 245, 245),
-}
+COLOURS = dict(list(ALL_COLOURS.items())[:6])  # red, green, blue, yellow, black, white
 TINY_MODEL = "model.encoders={image: {name: image_cnn, widths: [16, 32], dim: 32}, caption: {name: text_bow, dim: 32}}"
 
 
