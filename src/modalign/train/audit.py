@@ -243,7 +243,7 @@ def audit_recipe_pairs(
         ValueError: If neither or both of ``recipe`` and ``run_dir`` are given.
     """
     if (recipe is None) == (run_dir is None):
-        raise ValueError("audit_recipe_pairs needs a recipe or a run directory, not both")
+        raise ValueError("audit_recipe_pairs needs exactly one of a recipe and a run directory")
     root = str(data_root.resolve()) if data_root is not None else None
     if run_dir is not None:
         recipe, method = load_run(run_dir, root)
