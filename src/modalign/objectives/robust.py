@@ -29,9 +29,8 @@ import torch
 from torch import Tensor
 
 from modalign.core.registry import register
-from modalign.core.types import Batch, LossOutput, Outputs
-from modalign.objectives.contrastive import LogitScale, PairObjective, batch_top1, check_pair_inputs
-from modalign.objectives.unaligned import check_arg, pair_metrics, same_content, scale_of
+from modalign.objectives.contrastive import check_pair_inputs
+from modalign.objectives.unaligned import PooledPairLoss, check_arg, same_content, scale_of
 
 Variant = Literal["log", "gce", "abs"]
 VARIANTS = ("log", "gce", "abs")
@@ -161,38 +160,8 @@ def rince_loss(
     return 0.5 * (_rince_rows(logits, q, lam) + _rince_rows(logits.T, q, lam))
 
 
-class _RobustPair(PairObjective):
-    """A robust loss on the paired rows of ``outputs.embeddings``, with its own temperature."""
-
-    def __init__(
-        self,
-        modalities: list[str] | None,
-        name: str,
-        temperature: float,
-        learn_temperature: bool,
-        max_logit_scale: float,
-    ) -> None:
-        super().__init__(modalities, name)
-        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
-
-    def pair_loss(self, a: Tensor, b: Tensor, scale: Tensor, ids_a: Tensor | None, ids_b: Tensor | None) -> Tensor:
-        """The loss of the paired rows ``a, b [P, E]``."""
-        raise NotImplementedError
-
-    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
-        """Compute the loss; metrics: ``temperature``, ``paired``, ``acc_a2b``, ``acc_b2a``."""
-        scale = self.scale()
-        pair = self.pair(outputs, batch)
-        metrics = pair_metrics(scale, pair.size if pair is not None else 0)
-        if pair is None or self.too_few(pair, False):
-            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
-        loss = self.pair_loss(pair.a, pair.b, scale, pair.ids_a, pair.ids_b)
-        metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
-        return LossOutput(loss=loss, metrics=metrics)
-
-
 @register("objective", "complementary_infonce")
-class ComplementaryInfoNCE(_RobustPair):
+class ComplementaryInfoNCE(PooledPairLoss):
     """Complementary contrastive learning for mismatched pairs (RCL; see ``complementary_infonce_loss``).
 
     Args:
@@ -228,7 +197,7 @@ class ComplementaryInfoNCE(_RobustPair):
 
 
 @register("objective", "rince")
-class RINCE(_RobustPair):
+class RINCE(PooledPairLoss):
     """Robust InfoNCE (RINCE; see ``rince_loss``).
 
     Args:

@@ -463,8 +463,42 @@ class MILNCE(PairObjective):
         return LossOutput(loss=loss, metrics=metrics)
 
 
+class PooledPairLoss(PairObjective):
+    """A loss on the paired rows of ``outputs.embeddings`` with its own temperature (subclasses give ``pair_loss``).
+
+    Same-content rows (``batch.ids_of``) are never negatives; fewer than two paired rows give a
+    zero loss connected to the graph. Metrics: ``temperature``, ``paired``, ``acc_a2b``, ``acc_b2a``.
+    """
+
+    def __init__(
+        self,
+        modalities: list[str] | None,
+        name: str,
+        temperature: float,
+        learn_temperature: bool,
+        max_logit_scale: float,
+    ) -> None:
+        super().__init__(modalities, name)
+        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
+
+    def pair_loss(self, a: Tensor, b: Tensor, scale: Tensor, ids_a: Tensor | None, ids_b: Tensor | None) -> Tensor:
+        """The loss of the paired rows ``a, b [P, E]``."""
+        raise NotImplementedError
+
+    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
+        """Compute the loss; metrics: ``temperature``, ``paired``, ``acc_a2b``, ``acc_b2a``."""
+        scale = self.scale()
+        pair = self.pair(outputs, batch)
+        metrics = pair_metrics(scale, pair.size if pair is not None else 0)
+        if pair is None or self.too_few(pair, False):
+            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
+        loss = self.pair_loss(pair.a, pair.b, scale, pair.ids_a, pair.ids_b)
+        metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
+        return LossOutput(loss=loss, metrics=metrics)
+
+
 @register("objective", "soft_infonce")
-class SoftInfoNCE(PairObjective):
+class SoftInfoNCE(PooledPairLoss):
     """InfoNCE with bootstrapped soft targets for noisy pairs (see ``soft_infonce_loss``; Reed et al. 2015).
 
     Reads ``outputs.embeddings`` of the rows where both modalities are present; same-content
@@ -486,21 +520,13 @@ class SoftInfoNCE(PairObjective):
         max_logit_scale: float = 100.0,
         alpha: float = 0.2,
     ) -> None:
-        super().__init__(modalities, "soft_infonce")
+        super().__init__(modalities, "soft_infonce", temperature, learn_temperature, max_logit_scale)
         check_arg("alpha", 0.0 <= alpha <= 1.0, f"must be in [0, 1], got {alpha}")
-        self.scale = LogitScale(temperature, learn_temperature, max_logit_scale)
         self.alpha = alpha
 
-    def forward(self, outputs: Outputs, batch: Batch) -> LossOutput:
-        """Compute the loss; metrics: ``temperature``, ``paired``, ``acc_a2b``, ``acc_b2a``."""
-        scale = self.scale()
-        pair = self.pair(outputs, batch)
-        metrics = pair_metrics(scale, pair.size if pair is not None else 0)
-        if pair is None or self.too_few(pair, False):
-            return LossOutput(loss=outputs.zero(scale), metrics=metrics)
-        loss = soft_infonce_loss(pair.a, pair.b, scale, self.alpha, pair.ids_a, pair.ids_b)
-        metrics["acc_a2b"], metrics["acc_b2a"] = batch_top1(pair)
-        return LossOutput(loss=loss, metrics=metrics)
+    def pair_loss(self, a: Tensor, b: Tensor, scale: Tensor, ids_a: Tensor | None, ids_b: Tensor | None) -> Tensor:
+        """``soft_infonce_loss`` of the paired rows."""
+        return soft_infonce_loss(a, b, scale, self.alpha, ids_a, ids_b)
 
 
 @register("objective", "weighted_infonce")
